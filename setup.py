@@ -6,14 +6,18 @@ are walked here. Everything else lives in pyproject.toml.
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["onnxslim_edge", "onnxslim_edge.*"]) + [
+PACKAGES = [
+    *find_packages(include=["onnxslim_edge", "onnxslim_edge.*"]),
     "onnxslim_edge.passes",
     *(f"onnxslim_edge.passes.{sub}" for sub in find_packages("passes")),
 ]
 PACKAGE_DIR = {
     "onnxslim_edge": "onnxslim_edge",
     "onnxslim_edge.passes": "passes",
-    **{f"onnxslim_edge.passes.{sub}": "passes/" + sub.replace(".", "/") for sub in find_packages("passes")},
+    **{
+        f"onnxslim_edge.passes.{sub}": "passes/" + sub.replace(".", "/")
+        for sub in find_packages("passes")
+    },
 }
 
 setup(packages=PACKAGES, package_dir=PACKAGE_DIR)

@@ -27,8 +27,8 @@ if importlib.util.find_spec("onnxruntime") is None:  # pragma: no cover - depend
         "(onnxruntime-training-cpu==1.19.2 with torch, for distillation); never both."
     )
 
-from onnxslim_edge.model import convert_opset, load_model, save_model  # noqa: E402
-from onnxslim_edge.pipeline import (  # noqa: E402
+from onnxslim_edge.model import convert_opset, load_model, save_model
+from onnxslim_edge.pipeline import (
     Context,
     Pass,
     PassReport,

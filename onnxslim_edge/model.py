@@ -29,22 +29,22 @@ from onnxslim_edge.errors import ConfigError, InvalidModelError, UnsupportedErro
 __all__ = [
     "PROTOBUF_LIMIT",
     "ModelSource",
+    "check_model",
     "convert_opset",
     "iter_graphs",
-    "check_model",
     "iter_tensors",
     "load_model",
     "lower_ir_version",
     "min_ir_version",
-    "model_on_disk",
     "model_bytes",
+    "model_on_disk",
     "save_model",
     "tensor_bytes",
 ]
 
 log = logging.getLogger(__name__)
 
-ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]  # noqa: UP007 (a runtime alias on 3.10)
 
 #: Protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph.
 PROTOBUF_LIMIT = 2**31 - 64 * 2**20
@@ -115,8 +115,11 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 def min_ir_version(model: onnx.ModelProto) -> int:
     """The lowest IR version that the model's opset imports and data types need."""
-    opsets = [(o.domain, o.version) for o in model.opset_import]
-    ir = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    known = onnx.helper.OP_SET_ID_VERSION_MAP
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and ("ai.onnx", o.version) not in known:
+            return max(model.ir_version, 3)  # newer than this onnx knows: keep what it says
+    ir = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     for tensor in iter_tensors(model):
         ir = max(ir, _DTYPE_MIN_IR.get(tensor.data_type, 0))
     if model.functions:
@@ -134,7 +137,9 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path, origin: st
             continue
         location = {e.key: e.value for e in tensor.external_data}.get("location", "")
         if not location:
-            raise InvalidModelError(f"{origin}: tensor '{tensor.name}' has external data without a location")
+            raise InvalidModelError(
+                f"{origin}: tensor '{tensor.name}' has external data without a location"
+            )
         if os.path.isabs(location) or Path(location).drive:
             raise InvalidModelError(
                 f"{origin}: external data location '{location}' of tensor '{tensor.name}' "
@@ -206,7 +211,9 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise InvalidModelError(f"{origin}: not an ONNX model (protobuf decode failed: {exc})") from exc
+        raise InvalidModelError(
+            f"{origin}: not an ONNX model (protobuf decode failed: {exc})"
+        ) from exc
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise InvalidModelError(f"{origin}: not an ONNX model (no IR version or graph)")
     return model
@@ -228,7 +235,9 @@ def check_model(model: onnx.ModelProto, origin: str = "<model>") -> None:
 
 
 def _lowered(model: onnx.ModelProto) -> int:
-    return min(model.ir_version, min_ir_version(model)) if model.ir_version else min_ir_version(model)
+    return (
+        min(model.ir_version, min_ir_version(model)) if model.ir_version else min_ir_version(model)
+    )
 
 
 def lower_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -278,7 +287,9 @@ def save_model(
     if input_path is not None and not overwrite_input:
         src = Path(input_path)
         if src.exists() and path.exists() and os.path.samefile(src, path):
-            raise ConfigError(f"{path}: refusing to overwrite the input model; choose another output")
+            raise ConfigError(
+                f"{path}: refusing to overwrite the input model; choose another output"
+            )
     if path.is_dir():
         raise ConfigError(f"{path}: output is a folder; give a file name")
     if not path.parent.exists():
@@ -313,7 +324,9 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         return version_converter.convert_version(model, opset)
     except Exception as exc:  # the converter raises bare RuntimeErrors and more
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedError(f"cannot convert the model from opset {current} to {opset}: {first}") from exc
+        raise UnsupportedError(
+            f"cannot convert the model from opset {current} to {opset}: {first}"
+        ) from exc
 
 
 @contextlib.contextmanager

@@ -115,9 +115,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in args):
-            if type(None) in args:
-                return None
+        if (
+            value is None
+            or (isinstance(value, str) and value.lower() == "none" and type(None) in args)
+        ) and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -315,7 +317,10 @@ def _human(value: int, key: str) -> str:
 
 def _format_rows(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -482,13 +487,13 @@ FLOOR_KEYS = ("min_top1_agreement", "min_cosine", "min_sqnr_db", "max_abs_error"
 def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     """A recipe from a TOML file, TOML text or a mapping.
 
-        target = "tensorrt"
-        [[pass]]
-        name = "cleanup"
-        [[pass]]
-        name = "fold-batchnorm"
-        [verify]
-        min_cosine = 0.999
+    target = "tensorrt"
+    [[pass]]
+    name = "cleanup"
+    [[pass]]
+    name = "fold-batchnorm"
+    [verify]
+    min_cosine = 0.999
     """
     origin = "<recipe>"
     if isinstance(source, Mapping):
@@ -499,7 +504,9 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib  # type: ignore[no-redef]
         text = str(source)
-        if isinstance(source, os.PathLike) or (not text.lstrip().startswith(("[", "#")) and "\n" not in text and "=" not in text):
+        if isinstance(source, os.PathLike) or (
+            not text.lstrip().startswith(("[", "#")) and "\n" not in text and "=" not in text
+        ):
             path = Path(source)
             origin = str(path)
             if not path.is_file():
@@ -511,7 +518,9 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
             raise ConfigError(f"{origin}: not valid TOML ({exc})") from exc
     unknown = sorted(set(doc) - {"pass", "target", "verify"})
     if unknown:
-        raise ConfigError(f"{origin}: unknown key(s) {', '.join(unknown)}; valid: pass, target, verify")
+        raise ConfigError(
+            f"{origin}: unknown key(s) {', '.join(unknown)}; valid: pass, target, verify"
+        )
     entries = doc.get("pass", [])
     if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
         raise ConfigError(f"{origin}: 'pass' must be an array of tables ([[pass]])")
@@ -527,7 +536,9 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     floors = dict(doc.get("verify", {}))
     bad = sorted(set(floors) - set(FLOOR_KEYS))
     if bad:
-        raise ConfigError(f"{origin}: unknown [verify] key(s) {', '.join(bad)}; valid: {', '.join(FLOOR_KEYS)}")
+        raise ConfigError(
+            f"{origin}: unknown [verify] key(s) {', '.join(bad)}; valid: {', '.join(FLOOR_KEYS)}"
+        )
     for key, value in floors.items():
         floors[key] = _coerce(value, float, f"{origin}: verify.{key}")
     return Recipe(tuple(passes), target=target, floors=floors)
@@ -652,7 +663,9 @@ class Pipeline:
         report.wall_time_s = time.perf_counter() - start
         return PipelineResult(current, report)
 
-    def _run_pass(self, p: Pass, model: onnx.ModelProto, ctx: Context, report: PipelineReport) -> onnx.ModelProto:
+    def _run_pass(
+        self, p: Pass, model: onnx.ModelProto, ctx: Context, report: PipelineReport
+    ) -> onnx.ModelProto:
         graph = graph_from_model(model)
         before_nodes = list(graph.nodes)  # keep them alive: identity marks removed nodes
         cost_before = report.passes[-1].cost_after if report.passes else report.cost_before
@@ -681,7 +694,13 @@ class Pipeline:
             if p.lossless and self.verify_lossless:
                 pass_report.validation = self._compare_lossless(model, new_model, ctx, p.name)
         report.passes.append(pass_report)
-        log.info("%s: modified=%s, -%d/+%d nodes", p.name, pass_report.modified, pass_report.nodes_removed, pass_report.nodes_added)
+        log.info(
+            "%s: modified=%s, -%d/+%d nodes",
+            p.name,
+            pass_report.modified,
+            pass_report.nodes_removed,
+            pass_report.nodes_added,
+        )
         return new_model if pass_report.modified else model
 
     def _validate(self, model: onnx.ModelProto, name: str) -> None:
@@ -696,7 +715,9 @@ class Pipeline:
         except OnnxSlimEdgeError as exc:
             raise RuntimeError(f"pass '{name}' produced an invalid model: {exc}") from exc
 
-    def _compare_lossless(self, before: onnx.ModelProto, after: onnx.ModelProto, ctx: Context, name: str) -> dict[str, Any]:
+    def _compare_lossless(
+        self, before: onnx.ModelProto, after: onnx.ModelProto, ctx: Context, name: str
+    ) -> dict[str, Any]:
         from onnxslim_edge.verify import compare
 
         result = compare(
@@ -715,10 +736,14 @@ class Pipeline:
             raise FidelityError(f"lossless pass '{name}' changed the outputs: {result.summary()}")
         return summary
 
-    def _check_floors(self, original: onnx.ModelProto, final: onnx.ModelProto, ctx: Context) -> dict[str, Any]:
+    def _check_floors(
+        self, original: onnx.ModelProto, final: onnx.ModelProto, ctx: Context
+    ) -> dict[str, Any]:
         from onnxslim_edge.verify import compare
 
-        result = compare(original, final, data=ctx.data, input_shapes=ctx.input_shapes, seed=ctx.seed)
+        result = compare(
+            original, final, data=ctx.data, input_shapes=ctx.input_shapes, seed=ctx.seed
+        )
         summary = result.to_dict()
         missed = result.check_floors(self.floors)
         summary["floors"] = dict(self.floors)

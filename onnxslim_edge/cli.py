@@ -1,0 +1,360 @@
+"""The `onnxslim-edge` command. Every command maps to a Python call:
+
+    inspect MODEL                 -> analysis.model_cost / analysis.io_info
+    optimize MODEL -o OUT ...     -> Pipeline(...).run(model, Context(...)); save_model(...)
+    verify REFERENCE CANDIDATE    -> verify.compare(reference, candidate, data)
+    passes                        -> pipeline.available_passes / get_pass
+    demo                          -> demo.run_demo()
+
+Exit status: 0 success, 1 `verify` found a difference beyond tolerance, 2 bad input
+(missing or corrupt file, wrong data, unknown pass or option, impossible target):
+one line on stderr naming the cause, and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError
+
+__all__ = ["main"]
+
+log = logging.getLogger("onnxslim_edge")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as ConfigError (one line, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """`x=1,3,224,224` (repeatable) -> {"x": (1, 3, 224, 224)}."""
+    if not items:
+        return None
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.split(",") if d.strip())
+        except ValueError:
+            raise ConfigError(
+                f"--input-shape {item}: expected NAME=D0,D1,... with integers"
+            ) from None
+    return shapes
+
+
+def _data(spec: str | None, model: Any, args: argparse.Namespace, *, batch_size: int = 1) -> Any:
+    if spec is None:
+        return None
+    from onnxslim_edge.data import open_data, parse_preprocess
+
+    preprocess = parse_preprocess(args.preprocess) if args.preprocess else None
+    return open_data(
+        spec,
+        model,
+        batch_size=batch_size,
+        limit=args.samples,
+        preprocess=preprocess,
+        input_shapes=args.input_shape,
+    )
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    if not path.parent.exists():
+        raise ConfigError(f"{path}: folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxslim_edge.analysis import io_info, model_cost
+    from onnxslim_edge.model import load_model
+
+    model = load_model(args.model)
+    cost = model_cost(model, input_shapes=args.input_shape)
+    inputs, outputs = io_info(model)
+    info = {
+        "model": str(args.model),
+        "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "params": cost.params,
+        "size_bytes": cost.size_bytes,
+        "macs": cost.macs,
+        "nodes": cost.nodes,
+        "ops": cost.ops,
+        "weight_sparsity": cost.sparsity,
+        "inputs": [_tensor_json(t) for t in inputs],
+        "outputs": [_tensor_json(t) for t in outputs],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from onnxslim_edge.pipeline import _human
+
+    print(
+        f"{info['model']}  (IR {info['ir_version']}, opsets {info['opsets']}, {info['producer']})"
+    )
+    for key in ("nodes", "params", "size_bytes", "macs"):
+        print(f"  {key:<12}{_human(info[key], key)}")
+    print(f"  {'sparsity':<12}{cost.sparsity:.1%}")
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            print(f"  {kind[:-1]:<12}{t['name']}: {t['dtype']} {t['shape']}")
+    top = ", ".join(f"{op} {n}" for op, n in list(cost.ops.items())[:12])
+    print(f"  {'ops':<12}{top}")
+    return 0
+
+
+def _tensor_json(t: Any) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from onnxslim_edge.model import load_model, save_model
+    from onnxslim_edge.pipeline import Context, Pipeline, load_recipe, parse_pass_spec
+
+    if not args.recipe and not args.passes:
+        raise ConfigError("optimize: give --recipe FILE or at least one --pass NAME")
+    out = Path(args.output)
+    src = Path(args.model)
+    if out.exists() and src.exists() and out.resolve() == src.resolve() and not args.overwrite:
+        raise ConfigError(
+            f"{out}: refusing to overwrite the input model; choose another -o or pass --overwrite"
+        )
+    if not out.parent.exists():
+        raise ConfigError(f"{out}: output folder does not exist")
+
+    # Parse everything the user typed before any work starts.
+    passes, floors, target = [], {}, args.target
+    if args.recipe:
+        recipe = load_recipe(Path(args.recipe))
+        passes.extend(recipe.passes)
+        floors.update(recipe.floors)
+        target = target or recipe.target
+    passes.extend(parse_pass_spec(spec) for spec in args.passes or ())
+    pipeline = Pipeline(
+        passes,
+        target=target or "tensorrt",
+        floors=floors,
+        verify_lossless=not args.no_verify,
+        validate="none" if args.no_verify else "session",
+    )
+    model = load_model(src)
+    ctx = Context(
+        data=_data(args.calib, model, args),
+        target=pipeline.target,
+        seed=args.seed,
+        progress=_progress_enabled(args),
+        input_shapes=args.input_shape,
+    )
+    result = pipeline.run(model, ctx)
+    save_model(result.model, out, input_path=src, overwrite_input=args.overwrite, opset=args.opset)
+    if args.report:
+        _write_text_atomic(Path(args.report), result.report.to_json())
+    if not args.quiet:
+        print(result.report.to_table())
+        for p in result.report.passes:
+            for skip in p.skips[:20]:
+                print(f"  [{p.name}] skipped {skip.node} ({skip.op}): {skip.reason}")
+            if len(p.skips) > 20:
+                print(f"  [{p.name}] ... and {len(p.skips) - 20} more skips (see --report)")
+            for warning in p.warnings:
+                print(f"  [{p.name}] warning: {warning}")
+        print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from onnxslim_edge.model import load_model
+    from onnxslim_edge.verify import compare
+
+    reference = load_model(args.reference)
+    candidate = load_model(args.candidate)
+    data = _data(args.data, reference, args)
+    result = compare(
+        reference,
+        candidate,
+        data,
+        rtol=args.rtol,
+        atol=args.atol,
+        atol_mode=args.atol_mode,
+        max_samples=args.samples,
+        input_shapes=args.input_shape,
+        seed=args.seed,
+        progress=_progress_enabled(args),
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.to_table())
+        print(
+            ("PASS" if result.passed else "FAIL")
+            + (": " + result.summary() if not result.passed else "")
+        )
+    return 0 if result.passed else 1
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from onnxslim_edge.pipeline import available_passes, get_pass
+
+    for name in available_passes():
+        cls = get_pass(name)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name}{'  (lossless)' if cls.lossless else ''}: {doc[0] if doc else ''}")
+        for f in dataclasses.fields(cls.Config):
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            print(f"    {f.name} = {default!r}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from onnxslim_edge.demo import run_demo
+
+    run_demo(Path(args.out), progress=_progress_enabled(args), runs=args.runs)
+    return 0
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxslim-edge", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--preprocess",
+            help="image preprocessing, e.g. '224x224,mean=0.485|0.456|0.406,std=0.229|0.224|0.225'",
+        )
+        p.add_argument("--samples", type=int, help="use at most this many samples")
+        p.add_argument(
+            "--input-shape",
+            action="append",
+            metavar="NAME=D0,D1,..",
+            help="concrete shape for symbolic input dims (repeatable)",
+        )
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
+
+    p = sub.add_parser("inspect", help="params, size, MACs, ops, inputs and outputs of a model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("optimize", help="run passes on a model and save the result")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    p.add_argument("--recipe", help="TOML recipe ([[pass]] tables)")
+    p.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        metavar="NAME[:key=value,...]",
+        help="a pass to run, in order (repeatable)",
+    )
+    p.add_argument(
+        "--calib", help="calibration data: .npz, folder of .npz/.npy/images, or 'random'"
+    )
+    p.add_argument(
+        "--target",
+        choices=("tensorrt", "onnxruntime-cpu"),
+        help="default: the recipe's, else tensorrt",
+    )
+    p.add_argument("--report", help="write the pipeline report as JSON here")
+    p.add_argument("--opset", type=int, help="convert the result to this opset")
+    p.add_argument("--overwrite", action="store_true", help="allow -o to be the input file")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip validation and lossless output checks"
+    )
+    data_options(p)
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("verify", help="compare two models' outputs on the same inputs")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument(
+        "--data", help="inputs: .npz, folder of .npz/.npy/images; default: random (smoke test)"
+    )
+    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument(
+        "--atol-mode",
+        choices=("absolute", "range"),
+        default="range",
+        help="range: atol is relative to max|reference| per output",
+    )
+    p.add_argument("--json", action="store_true")
+    data_options(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("passes", help="list the available passes and their options")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("demo", help="optimize the bundled digits CNN and print before/after")
+    p.add_argument(
+        "--out", default="onnxslim-edge-demo", help="folder for the optimized model and report"
+    )
+    p.add_argument("--runs", type=int, default=30, help="timed runs per model for latency")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from onnxslim_edge import __version__
+
+    return f"onnxslim-edge {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "input_shape", None) is not None:
+            args.input_shape = _parse_shapes(args.input_shape)
+        level = logging.WARNING - 10 * min(args.verbose, 2)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        return args.func(args)
+    except OnnxSlimEdgeError as exc:
+        msg = " ".join(str(exc).split())  # one line, always
+        print(f"onnxslim-edge: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxslim-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

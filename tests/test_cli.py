@@ -1,0 +1,218 @@
+"""The `onnxslim-edge` command: every subcommand end to end, exit codes, no partial output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_edge.cli import main
+from onnxslim_edge.model import save_model
+
+
+def _conv_bn_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node(
+            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"
+        ),
+        helper.make_node("Identity", ["b"], ["i"], name="id"),
+        helper.make_node("Relu", ["i"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return save_model(_conv_bn_model(), tmp_path / "m.onnx")
+
+
+def _only_line_of(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    return lines[0]
+
+
+def test_inspect_json(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(model_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"params", "size_bytes", "macs", "nodes", "ops", "inputs", "outputs"} <= set(info)
+    assert info["nodes"] == 4
+    assert info["ops"] == {"Conv": 1, "BatchNormalization": 1, "Identity": 1, "Relu": 1}
+    assert info["params"] == 4 * 3 * 3 * 3 + 4 * 4
+    assert info["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 3, 8, 8]}]
+    assert info["outputs"][0]["name"] == "y"
+    assert info["macs"] >= 4 * 8 * 8 * 27  # the conv alone, batch 1
+    assert info["size_bytes"] > 0
+
+
+def test_inspect_text(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(model_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Conv 1" in out and "input" in out and "macs" in out
+
+
+def test_optimize_then_verify(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    rc = main(
+        [
+            "optimize",
+            str(model_path),
+            "-o",
+            str(out),
+            "--pass",
+            "cleanup",
+            "--pass",
+            "fold-batchnorm",
+            "--report",
+            str(report),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "before" in text and "fold-batchnorm" in text
+    optimized = onnx.load(str(out))
+    assert [n.op_type for n in optimized.graph.node] == ["Conv", "Relu"]
+    assert optimized.ir_version <= 10
+    data = json.loads(report.read_text())
+    assert [p["name"] for p in data["passes"]] == ["cleanup", "fold-batchnorm"]
+    assert data["cost_after"]["nodes"] == 2
+    assert main(["verify", str(model_path), str(out)]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_verify_detects_a_difference(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _conv_bn_model()
+    w = numpy_helper.to_array(model.graph.initializer[0]) * 1.01
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w.astype(np.float32), "w"))
+    other = save_model(model, tmp_path / "other.onnx")
+    assert main(["verify", str(model_path), str(other), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is False
+    assert main(["verify", str(model_path), str(other), "--rtol", "0.5", "--atol", "0.5"]) == 0
+
+
+def test_verify_with_data_file(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(3).standard_normal((5, 3, 8, 8)).astype(np.float32))
+    assert main(["verify", str(model_path), str(model_path), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 5
+
+
+def test_recipe_by_path(model_path: Path, tmp_path: Path) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "onnxslim_edge" / "recipes" / "lossless.toml"
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(model_path), "-o", str(out), "--recipe", str(recipe), "-q"]) == 0
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Conv", "Relu"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["optimize", "{missing}", "-o", "{out}", "--pass", "cleanup"], "model file not found"),
+        (["optimize", "{corrupt}", "-o", "{out}", "--pass", "cleanup"], "not an ONNX model"),
+        (["optimize", "{model}", "-o", "{out}", "--pass", "nope"], "unknown pass 'nope'"),
+        (
+            ["optimize", "{model}", "-o", "{out}", "--pass", "cleanup:bogus=1"],
+            "unknown option(s) bogus; valid:",
+        ),
+        (
+            ["optimize", "{model}", "-o", "{out}", "--pass", "cleanup:fold_constants=maybe"],
+            "expected true/false",
+        ),
+        (["optimize", "{model}", "-o", "{out}"], "give --recipe FILE or at least one --pass"),
+        (["optimize", "{model}", "-o", "{out}", "--recipe", "{missing}"], "recipe file not found"),
+        (
+            ["optimize", "{model}", "-o", "{out}", "--pass", "cleanup", "--calib", "{baddata}"],
+            "bad.npz",
+        ),
+        (
+            ["optimize", "{model}", "-o", "{model}", "--pass", "cleanup"],
+            "refusing to overwrite the input",
+        ),
+        (
+            ["optimize", "{model}", "-o", "{out}", "--pass", "cleanup", "--target", "gpu"],
+            "invalid choice",
+        ),
+        (["verify", "{model}", "{corrupt}"], "not an ONNX model"),
+        (["verify", "{model}", "{model}", "--data", "{missing}"], "not found"),
+        (["inspect", "{corrupt}"], "not an ONNX model"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(
+    model_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    fragment: str,
+) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 50)
+    baddata = tmp_path / "bad.npz"
+    np.savez(baddata, x=np.zeros((2, 3, 5, 5), np.float32))  # wrong spatial size
+    names = {
+        "missing": tmp_path / "missing.onnx",
+        "corrupt": corrupt,
+        "model": model_path,
+        "out": tmp_path / "out.onnx",
+        "baddata": baddata,
+    }
+    before = sorted(os.listdir(tmp_path))
+    model_bytes = model_path.read_bytes()
+    rc = main([a.format(**{k: str(v) for k, v in names.items()}) for a in argv])
+    assert rc == 2
+    line = _only_line_of(capsys.readouterr().err)
+    assert line.startswith("onnxslim-edge: error:") and fragment in line
+    assert sorted(os.listdir(tmp_path)) == before, "no output or temporary file may be left"
+    assert model_path.read_bytes() == model_bytes
+
+
+def test_passes_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "cleanup  (lossless)" in out and "fold_size_limit" in out and "fold-batchnorm" in out
+
+
+def test_console_script_is_installed(model_path: Path) -> None:
+    exe = shutil.which("onnxslim-edge", path=str(Path(sys.executable).parent))
+    assert exe, "the onnxslim-edge entry point is not installed in this environment"
+    proc = subprocess.run(
+        [exe, "inspect", str(model_path), "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["nodes"] == 4
+    proc = subprocess.run(
+        [exe, "inspect", str(model_path) + ".missing"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1

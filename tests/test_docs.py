@@ -1,0 +1,39 @@
+"""Documentation runs: the README's and docs' Python blocks execute as written."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_writing_a_pass_runs_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = _python_blocks(ROOT / "docs" / "writing-a-pass.md")
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("docs_example")  # dataclasses look their module up
+    monkeypatch.setitem(sys.modules, "docs_example", module)
+    for block in blocks:
+        exec(compile(block, "writing-a-pass.md", "exec"), module.__dict__)
+
+
+def test_readme_snippets_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_edge.demo import DIGITS_MODEL
+
+    blocks = _python_blocks(ROOT / "README.md")
+    assert len(blocks) >= 2
+    shutil.copy(DIGITS_MODEL, tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    assert (tmp_path / "model.slim.onnx").is_file()

@@ -1,0 +1,165 @@
+"""Model I/O: loading from every source, refusing bad files, atomic saves, IR lowering."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_edge.errors import ConfigError, InvalidModelError
+from onnxslim_edge.model import (
+    convert_opset,
+    load_model,
+    min_ir_version,
+    model_bytes,
+    save_model,
+)
+from onnxslim_edge.runtime import make_session
+
+
+def _gemm_model(n_in: int = 4, n_out: int = 3, opset: int = 13) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((n_out, n_in)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(n_out).astype(np.float32), "b")
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])],
+        [w, b],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _run(model_or_path, x):
+    return make_session(model_or_path).run(None, {"x": x})[0]
+
+
+def test_load_from_path_bytes_and_proto_agree(tmp_path: Path) -> None:
+    model = _gemm_model()
+    path = save_model(model, tmp_path / "m.onnx")
+    from_path = load_model(path)
+    from_bytes = load_model(path.read_bytes())
+    assert from_path.SerializeToString() == from_bytes.SerializeToString()
+    assert load_model(model) is model
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [(b"", "file is empty"), (b"\x00\xffgarbage\x12\x99" * 10, "not an ONNX model")],
+)
+def test_corrupt_files_are_refused(tmp_path: Path, content: bytes, fragment: str) -> None:
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InvalidModelError, match=fragment) as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(InvalidModelError, match="not found"):
+        load_model(tmp_path / "nope.onnx")
+    with pytest.raises(InvalidModelError, match="folder"):
+        load_model(tmp_path)
+
+
+def test_checker_failure_is_one_line(tmp_path: Path) -> None:
+    model = _gemm_model()
+    model.graph.node[0].input[1] = "does_not_exist"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InvalidModelError, match="fails the ONNX checker") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_save_lowers_ir_version_for_old_runtimes(tmp_path: Path) -> None:
+    model = _gemm_model(opset=13)
+    model.ir_version = onnx.IR_VERSION  # what recent onnx writes (> 10)
+    assert min_ir_version(model) == 7
+    path = save_model(model, tmp_path / "m.onnx")
+    assert onnx.load(str(path)).ir_version == 7
+    assert model.ir_version == onnx.IR_VERSION, "the caller's model must not change"
+
+
+def test_ir_not_lowered_below_what_dtypes_need() -> None:
+    model = _gemm_model(opset=13)
+    model.graph.initializer.append(helper.make_tensor("f8", TensorProto.FLOAT8E4M3FN, [1], [1.0]))
+    assert min_ir_version(model) >= 9
+
+
+def test_save_refuses_to_overwrite_input(tmp_path: Path) -> None:
+    path = save_model(_gemm_model(), tmp_path / "m.onnx")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="refusing to overwrite the input"):
+        save_model(_gemm_model(5, 2), path, input_path=path)
+    assert path.read_bytes() == before
+    save_model(_gemm_model(5, 2), path, input_path=path, overwrite_input=True)
+    assert path.read_bytes() != before
+
+
+def test_save_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out.onnx"
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(_gemm_model(), target)
+    assert sorted(os.listdir(tmp_path)) == [], "no partial or temporary file may remain"
+
+
+def test_external_data_round_trip(tmp_path: Path) -> None:
+    model = _gemm_model(64, 32)
+    path = save_model(model, tmp_path / "ext.onnx", external_data=True)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    assert path.stat().st_size < model_bytes(model)
+    loaded = load_model(path)
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(_run(loaded, x), _run(model, x))
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../escape.bin"])
+def test_external_data_escaping_the_folder_is_refused(tmp_path: Path, location: str) -> None:
+    model = _gemm_model(64, 32)
+    path = save_model(model, tmp_path / "ext.onnx", external_data=True)
+    raw = onnx.load(str(path), load_external_data=False)
+    for tensor in raw.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(raw.SerializeToString())
+    with pytest.raises(InvalidModelError, match="refusing to read"):
+        load_model(path)
+
+
+def test_missing_external_data_file(tmp_path: Path) -> None:
+    path = save_model(_gemm_model(64, 32), tmp_path / "ext.onnx", external_data=True)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(InvalidModelError, match="missing"):
+        load_model(path)
+
+
+def test_convert_opset_keeps_outputs() -> None:
+    model = _gemm_model(opset=13)
+    converted = convert_opset(model, 17)
+    assert next(o.version for o in converted.opset_import if o.domain == "") == 17
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(converted, x), _run(model, x), rtol=1e-6)
+
+
+def test_save_with_opset(tmp_path: Path) -> None:
+    path = save_model(_gemm_model(opset=13), tmp_path / "m.onnx", opset=18)
+    assert next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "") == 18
+
+
+def test_output_folder_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="folder does not exist"):
+        save_model(_gemm_model(), tmp_path / "nope" / "m.onnx")
