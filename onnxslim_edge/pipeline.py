@@ -651,6 +651,7 @@ class Pipeline:
         if ctx.reference is None:
             ctx.reference = original
         report = PipelineReport(target=ctx.target.name, cost_before=_cost(current))
+        self._check_data = _CheckData(original, ctx, self.max_samples)
         start = time.perf_counter()
         bar = _progress(self.passes, ctx.progress, "passes")
         for p in bar:
@@ -723,7 +724,7 @@ class Pipeline:
         result = compare(
             before,
             after,
-            data=ctx.data,
+            data=self._check_data.get(),
             rtol=self.rtol,
             atol=self.atol,
             atol_mode="range",
@@ -742,7 +743,11 @@ class Pipeline:
         from onnxslim_edge.verify import compare
 
         result = compare(
-            original, final, data=ctx.data, input_shapes=ctx.input_shapes, seed=ctx.seed
+            original,
+            final,
+            data=self._check_data.get(),
+            input_shapes=ctx.input_shapes,
+            seed=ctx.seed,
         )
         summary = result.to_dict()
         missed = result.check_floors(self.floors)
@@ -751,6 +756,32 @@ class Pipeline:
         if missed:
             raise FidelityError("fidelity floor missed: " + "; ".join(missed))
         return summary
+
+
+class _CheckData:
+    """The inputs output checks run on: the Context's data, else one synthetic source.
+
+    Built on first use, so a pipeline without lossless passes or floors reads nothing,
+    and the warning that the data is synthetic is given once per run, not per pass.
+    """
+
+    def __init__(self, model: onnx.ModelProto, ctx: Context, max_samples: int) -> None:
+        self._model, self._ctx, self._max = model, ctx, max_samples
+        self._source: Any = None
+
+    def get(self) -> Any:
+        if self._source is None:
+            from onnxslim_edge.data import open_data
+
+            spec = "random" if self._ctx.data is None else self._ctx.data
+            self._source = open_data(
+                spec,
+                self._model,
+                limit=self._max if spec == "random" else None,
+                input_shapes=self._ctx.input_shapes,
+                seed=self._ctx.seed,
+            )
+        return self._source
 
 
 def _progress(items: Sequence[Any], enabled: bool, desc: str) -> Any:
