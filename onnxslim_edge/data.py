@@ -1046,6 +1046,8 @@ def _random_source(
         total = count if limit is None else min(count, limit)
         done = 0
         fixed = _fixed_batch(specs)
+        if fixed:  # a model with a fixed batch of k needs at least one whole batch
+            total = max(total, fixed)
         while done < total:
             n = min(batch_size, total - done)
             if fixed and n < fixed:

@@ -29,7 +29,13 @@ from typing import Any, ClassVar, Literal
 import onnx
 
 from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError
-from onnxslim_edge.model import ModelSource, check_model, load_model, lower_ir_version
+from onnxslim_edge.model import (
+    ModelSource,
+    check_model,
+    load_model,
+    lower_ir_version,
+    min_ir_version,
+)
 
 __all__ = [
     "BUILTIN_PASSES",
@@ -63,6 +69,13 @@ BUILTIN_PASSES: Mapping[str, str] = types.MappingProxyType(
     {
         "cleanup": "onnxslim_edge.passes.cleanup:Cleanup",
         "fold-batchnorm": "onnxslim_edge.passes.batchnorm:FoldBatchNorm",
+        "prune-channels": "onnxslim_edge.passes.prune.channels:PruneChannels",
+        "prune-magnitude": "onnxslim_edge.passes.prune.magnitude:PruneMagnitude",
+        "sparsify-nm": "onnxslim_edge.passes.prune.nm:SparsifyNM",
+        "quantize": "onnxslim_edge.passes.quantize.qdq:Quantize",
+        "equalize": "onnxslim_edge.passes.quantize.equalize:Equalize",
+        "bias-correct": "onnxslim_edge.passes.quantize.bias_correct:BiasCorrect",
+        "fp16": "onnxslim_edge.passes.precision:ConvertFP16",
     }
 )
 
@@ -559,17 +572,35 @@ class PipelineResult:
 
 
 def _fingerprint(model: onnx.ModelProto) -> str:
-    """A digest of the graph's structure and every tensor's data (changes <=> digest changes)."""
+    """A digest of what the model computes: nodes, interface and every tensor's values.
+
+    Insensitive to what a graphsurgeon round trip changes without changing the model:
+    node order, attribute order, value_info, how tensor data is stored, and initializers
+    listed as graph inputs (IR < 4). So `modified` means a pass really rewrote something.
+    """
+    from onnx import numpy_helper
+
     h = hashlib.blake2b(digest_size=16)
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
-    inits = list(graph.initializer)
-    del graph.initializer[:]
-    h.update(graph.SerializeToString(deterministic=True))
-    for t in inits:
-        h.update(t.name.encode())
-        h.update(bytes(str(list(t.dims)), "ascii"))
-        h.update(t.SerializeToString(deterministic=True))
+    init_names = {t.name for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        canon = onnx.NodeProto()
+        canon.CopyFrom(node)
+        attrs = sorted(canon.attribute, key=lambda a: a.name)
+        del canon.attribute[:]
+        canon.attribute.extend(attrs)
+        canon.doc_string = ""
+        nodes.append(canon.SerializeToString(deterministic=True))
+    for blob in sorted(nodes):
+        h.update(blob)
+    for value in model.graph.input:
+        if value.name not in init_names:
+            h.update(b"in:" + value.name.encode())
+    for value in model.graph.output:
+        h.update(b"out:" + value.name.encode())
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        h.update(b"init:" + t.name.encode() + str((t.data_type, list(t.dims))).encode())
+        h.update(numpy_helper.to_array(t).tobytes())
     return h.hexdigest()
 
 
@@ -595,8 +626,9 @@ def model_from_graph(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
         setattr(model, key, getattr(like, key))
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
-    if not model.ir_version or model.ir_version > like.ir_version:
-        model.ir_version = max(like.ir_version, 3)
+    # gs writes the newest IR and drops initializers from IR-3 graph inputs: keep the
+    # input's IR unless the exported graph needs a higher one.
+    model.ir_version = max(like.ir_version or 3, min_ir_version(model))
     return lower_ir_version(model) if model.ir_version > 10 else model
 
 
