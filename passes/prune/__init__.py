@@ -1,0 +1,1 @@
+"""Pruning passes: structured channels, magnitude and N:M sparsity."""
