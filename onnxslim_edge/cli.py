@@ -3,10 +3,12 @@
     inspect MODEL                 -> analysis.model_cost / analysis.io_info
     optimize MODEL -o OUT ...     -> Pipeline(...).run(model, Context(...)); save_model(...)
     verify REFERENCE CANDIDATE    -> verify.compare(reference, candidate, data)
+    lint MODEL [--nm 2:4]         -> passes.quantize.lint_qdq / passes.prune.nm.check_nm
     passes                        -> pipeline.available_passes / get_pass
     demo                          -> demo.run_demo()
 
-Exit status: 0 success, 1 `verify` found a difference beyond tolerance, 2 bad input
+Exit status: 0 success, 1 `verify` found a difference beyond tolerance or `lint` an
+error-level violation, 2 bad input
 (missing or corrupt file, wrong data, unknown pass or option, impossible target):
 one line on stderr naming the cause, and no output file.
 """
@@ -217,6 +219,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_lint(args: argparse.Namespace) -> int:
+    """TensorRT Q/DQ placement rules and, with --nm, the N:M sparsity pattern."""
+    from onnxslim_edge.model import load_model
+    from onnxslim_edge.passes.prune.nm import check_nm, format_nm_results
+    from onnxslim_edge.passes.quantize.lint import format_violations, lint_qdq
+
+    model = load_model(args.model)
+    violations = lint_qdq(model)
+    failed = any(v.severity == "error" for v in violations)
+    nm_results = None
+    if args.nm:
+        try:
+            n, m = (int(v) for v in args.nm.split(":"))
+            if not 0 < n < m:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--nm {args.nm}: expected N:M with 0 < N < M, e.g. 2:4") from None
+        nm_results = check_nm(model, n, m)
+        failed = failed or any(not r.ok for r in nm_results)
+    if args.json:
+        out = {"qdq": [dataclasses.asdict(v) for v in violations], "passed": not failed}
+        if nm_results is not None:
+            out["nm"] = [dataclasses.asdict(r) for r in nm_results]
+        print(json.dumps(out, indent=2))
+    else:
+        print("TensorRT Q/DQ rules: " + format_violations(violations))
+        if nm_results is not None:
+            print(format_nm_results(nm_results, n, m))
+    return 1 if failed else 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from onnxslim_edge.pipeline import available_passes, get_pass
 
@@ -318,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     data_options(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("lint", help="check TensorRT Q/DQ placement rules (and N:M sparsity)")
+    p.add_argument("model")
+    p.add_argument(
+        "--nm", metavar="N:M", help="also check N:M sparsity of Conv/Gemm/MatMul weights"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("passes", help="list the available passes and their options")
     p.set_defaults(func=cmd_passes)

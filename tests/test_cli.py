@@ -216,3 +216,39 @@ def test_console_script_is_installed(model_path: Path) -> None:
         [exe, "inspect", str(model_path) + ".missing"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_lint_float_model_and_nm(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["lint", str(model_path)]) == 0
+    assert "no violations" in capsys.readouterr().out
+    assert main(["lint", str(model_path), "--nm", "2:4", "--json"]) == 1  # dense weights
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is False and result["nm"][0]["node"] == "conv"
+    sparse = tmp_path / "sparse.onnx"
+    assert (
+        main(["optimize", str(model_path), "-o", str(sparse), "--pass", "sparsify-nm", "-q"]) == 0
+    )
+    assert main(["lint", str(sparse), "--nm", "2:4"]) == 1, "Cin=3 cannot hold 2:4: reported"
+    assert main(["lint", str(model_path), "--nm", "4:2"]) == 2
+
+
+def test_lint_flags_uint8_qdq(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    inits = [
+        helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+        helper.make_tensor("zp", TensorProto.UINT8, [], [128]),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], name="dq"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    path = save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "q.onnx"
+    )
+    assert main(["lint", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "non-int8" in out and "zero-point-nonzero" in out
