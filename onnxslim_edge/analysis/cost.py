@@ -59,6 +59,14 @@ _FLOAT_TYPES = frozenset(
     if hasattr(onnx.TensorProto, name)
 )
 
+_INT_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("INT8", "UINT8", "INT16", "UINT16", "INT32", "INT4", "UINT4")
+    if hasattr(onnx.TensorProto, name)
+)
+
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
 #: Per-element MACs of normalization-like ops (see the module docstring).
 _PER_ELEMENT = {
     "BatchNormalization": 2,
@@ -158,11 +166,37 @@ def _constant_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.Tensor
                     yield node.output[0], t, (len(floats),)
 
 
+def _qdq_roles(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """(tensors a DequantizeLinear dequantizes, tensors used only as Q/DQ scales or zero
+    points) in every graph of the model."""
+    data: set[str] = set()
+    params: set[str] = set()
+    other: set[str] = set()
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            qdq = node.op_type in _QDQ_OPS
+            for slot, name in enumerate(node.input):
+                if qdq and slot > 0:
+                    params.add(name)
+                else:
+                    other.add(name)
+                    if node.op_type == "DequantizeLinear" and slot == 0:
+                        data.add(name)
+    return data, params - other
+
+
 def _weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, int, int]]:
-    """name -> (data tensor, dense element count, rank) of float constants of rank >= 1."""
+    """name -> (data tensor, dense element count, rank) of the weights: float constants
+    of rank >= 1, and integer constants of rank >= 1 that a DequantizeLinear reads
+    (quantized weights). Scales and zero points of Q/DQ nodes are not weights."""
+    dequantized, qdq_params = _qdq_roles(model)
     weights = {}
     for name, tensor, dims in _constant_tensors(model):
-        if tensor.data_type in _FLOAT_TYPES and len(dims) >= 1:
+        if len(dims) < 1 or name in qdq_params:
+            continue
+        if tensor.data_type in _FLOAT_TYPES or (
+            name in dequantized and tensor.data_type in _INT_TYPES
+        ):
             weights.setdefault(name, (tensor, math.prod(dims), len(dims)))
     return weights
 
@@ -323,7 +357,10 @@ def model_cost(
     """Cost of `model`'s main graph; see the module docstring for what is counted.
 
     `params` counts the elements of float constant tensors of rank >= 1 (initializers,
-    sparse initializers at their dense size, Constant nodes), each tensor once.
+    sparse initializers at their dense size, Constant nodes), each tensor once, and of
+    integer constants a DequantizeLinear reads (quantized weights: a quantized model
+    keeps its parameter count while `size_bytes` shrinks); Q/DQ scales and zero points
+    are not counted.
     `sparsity` is the fraction of exactly-zero elements over float weights of rank >= 2.
     `input_shapes` fixes symbolic input dims (ONNX Runtime may run once, see
     `infer_shapes`); raises DataError when they do not fit the model.

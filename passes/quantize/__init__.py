@@ -3,6 +3,9 @@
 - `calibrate`: streamed activation statistics (`TensorStats`, `Calibrator`), threshold
   methods (minmax, percentile, entropy, mse), scales and the JSON calibration cache.
 - `lint`: `lint_qdq(model)` checks any Q/DQ model against TensorRT's placement rules.
+- `qdq`: the `quantize` pass (`Quantize`, `QuantizeConfig`): Q/DQ insertion per target.
+- `sensitivity`: `layer_sensitivity(model, data)` ranks layers by the fidelity lost when
+  each is quantized alone (used by the pass's automatic fallback).
 """
 
 from onnxslim_edge.passes.quantize.calibrate import (
@@ -15,15 +18,21 @@ from onnxslim_edge.passes.quantize.calibrate import (
     scale_from_amax,
 )
 from onnxslim_edge.passes.quantize.lint import RULES, Violation, format_violations, lint_qdq
+from onnxslim_edge.passes.quantize.qdq import Quantize, QuantizeConfig
+from onnxslim_edge.passes.quantize.sensitivity import LayerSensitivity, layer_sensitivity
 
 __all__ = [
     "METHODS",
     "RULES",
     "Calibrator",
+    "LayerSensitivity",
+    "Quantize",
+    "QuantizeConfig",
     "TensorStats",
     "Violation",
     "compute_amax",
     "format_violations",
+    "layer_sensitivity",
     "lint_qdq",
     "load_cache",
     "save_cache",

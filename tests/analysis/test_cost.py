@@ -435,3 +435,35 @@ def test_sparse_initializer_and_bfloat16_weights():
     assert c.sparsity == pytest.approx((17 + 2) / 24, abs=1e-12)
     assert c.per_node[0].params == 20
     assert c.macs == 2 * 5 * 4
+
+
+def test_quantized_weights_keep_params():
+    """int8 weights read by a DequantizeLinear count as params; scales/zero points do not."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    float_model = single(
+        helper.make_node("Conv", ["x", "w"], ["y"]),
+        {"x": (1, 8, 8, 8)},
+        [numpy_helper.from_array(w, "w")],
+    )
+    scale = (np.abs(w).reshape(16, -1).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+    dq = helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0)
+    conv = helper.make_node("Conv", ["x", "wd"], ["y"])
+    inits = [
+        numpy_helper.from_array(q, "wq"),
+        numpy_helper.from_array(scale, "ws"),
+        numpy_helper.from_array(np.zeros(16, np.int8), "wz"),
+    ]
+    quantized = make_model([dq, conv], [vi("x", (1, 8, 8, 8))], [vi("y", None)], inits)
+    before, after = model_cost(float_model), model_cost(quantized)
+    assert before.params == after.params == w.size
+    assert after.size_bytes < 0.3 * before.size_bytes
+    assert after.macs == before.macs + w.size  # the DequantizeLinear: one op per element
+    # an integer tensor that no DequantizeLinear reads (e.g. a shape) is not a weight
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    reshape = helper.make_node("Reshape", ["y", "shape"], ["z"])
+    with_shape = make_model(
+        [dq, conv, reshape], [vi("x", (1, 8, 8, 8))], [vi("z", None)], [*inits, shape]
+    )
+    assert model_cost(with_shape).params == w.size

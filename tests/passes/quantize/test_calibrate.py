@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_edge.errors import ConfigError, DataError
 from onnxslim_edge.passes.quantize import calibrate as cal
 from onnxslim_edge.passes.quantize.calibrate import (
     Calibrator,
@@ -28,8 +30,6 @@ from onnxslim_edge.passes.quantize.calibrate import (
     save_cache,
     scale_from_amax,
 )
-
-from onnxslim_edge.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------- helpers
 
