@@ -27,8 +27,38 @@ if importlib.util.find_spec("onnxruntime") is None:  # pragma: no cover - depend
         "(onnxruntime-training-cpu==1.19.2 with torch, for distillation); never both."
     )
 
-from onnxslim_edge.model import convert_opset, load_model, save_model
-from onnxslim_edge.pipeline import (
+
+
+def _source_checkout_passes() -> None:
+    """Run from a source checkout, `passes/` sits beside this folder instead of inside it.
+
+    Installs (wheel or editable) map it to `onnxslim_edge/passes` and skip this; in a bare
+    checkout (e.g. `python -c ...` from the repository root) register it under its real
+    name so `import onnxslim_edge.passes.cleanup` works there too.
+    """
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    source = here.parent / "passes"
+    if (here / "passes").exists() or not (source / "__init__.py").is_file():
+        return
+    if "onnxslim_edge.passes" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "onnxslim_edge.passes", source / "__init__.py", submodule_search_locations=[str(source)]
+    )
+    if spec is None or spec.loader is None:  # pragma: no cover - defensive
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_source_checkout_passes()
+
+from onnxslim_edge.model import convert_opset, load_model, save_model  # noqa: E402
+from onnxslim_edge.pipeline import (  # noqa: E402
     Context,
     Pass,
     PassReport,

@@ -63,3 +63,18 @@ def test_import_without_onnxruntime_names_the_extras(tmp_path: Path) -> None:
     message = result["message"]
     assert "onnxslim-edge[cpu]" in message and "onnxslim-edge[train]" in message, message
     assert "\n" not in message
+
+
+def test_passes_import_from_a_source_checkout() -> None:
+    """From the repository root the source folder shadows the install; passes still import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import onnxslim_edge.passes.cleanup as c, onnxslim_edge as o; print(c.__file__); print(o.__file__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1].startswith(str(root / "onnxslim_edge"))
