@@ -28,7 +28,6 @@ if importlib.util.find_spec("onnxruntime") is None:  # pragma: no cover - depend
     )
 
 
-
 def _source_checkout_passes() -> None:
     """Run from a source checkout, `passes/` sits beside this folder instead of inside it.
 

@@ -266,7 +266,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxslim_edge.demo import run_demo
 
-    run_demo(Path(args.out), progress=_progress_enabled(args), runs=args.runs)
+    run_demo(Path(args.out), progress=_progress_enabled(args), runs=args.runs, target=args.target)
     return 0
 
 
@@ -368,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="onnxslim-edge-demo", help="folder for the optimized model and report"
     )
     p.add_argument("--runs", type=int, default=30, help="timed runs per model for latency")
+    p.add_argument(
+        "--target",
+        choices=("tensorrt", "onnxruntime-cpu"),
+        default="onnxruntime-cpu",
+        help="default onnxruntime-cpu: the demo measures on this CPU",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

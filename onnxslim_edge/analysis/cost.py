@@ -77,14 +77,16 @@ _PER_ELEMENT = {
     "LogSoftmax": 3,
 }
 
+# Q/DQ nodes count no MACs: runtimes fuse them into the int8 kernels they surround, and
+# counting them would make a quantized model look more expensive than its float source.
 _ELEMENTWISE = frozenset(
     {
         "Abs", "Acos", "Acosh", "Add", "And", "Asin", "Asinh", "Atan", "Atanh", "BitShift",
-        "Ceil", "Celu", "Clip", "Cos", "Cosh", "DequantizeLinear", "Div", "Elu", "Equal",
+        "Ceil", "Celu", "Clip", "Cos", "Cosh", "Div", "Elu", "Equal",
         "Erf", "Exp", "FastGelu", "Floor", "Gelu", "Greater", "GreaterOrEqual", "HardSigmoid",
         "HardSwish", "IsInf", "IsNaN", "LeakyRelu", "Less", "LessOrEqual", "Log", "Max",
         "Mean", "Min", "Mish", "Mod", "Mul", "Neg", "Not", "Or", "PRelu", "Pow",
-        "QuantizeLinear", "QuickGelu", "Reciprocal", "Relu", "Round", "Selu", "Shrink",
+        "QuickGelu", "Reciprocal", "Relu", "Round", "Selu", "Shrink",
         "Sigmoid", "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Sub", "Sum",
         "Tan", "Tanh", "ThresholdedRelu", "Where", "Xor",
     }
