@@ -3,18 +3,23 @@
     Identity(x) -> y                      =>  x (consumers of y read x)
     Dropout(x) -> y   (inference, no mask) =>  x
     f(constants...) -> t, t <= budget      =>  initializer t (ONNX Runtime evaluates f)
+    Shape(x, start, end), x of static shape =>  initializer shape(x)[start:end]
+    If(constant condition)                  =>  the nodes of the branch taken
     initializers with equal dtype, shape and bytes  =>  one initializer
 
 Folding respects a size budget per folded tensor, so ConstantOfShape/Tile/Expand
-chains that would bloat the model stay computed at run time.
+chains that would bloat the model stay computed at run time. onnx-graphsurgeon's
+folding is used with its shape folding and If flattening off: the former ignores
+Shape's start/end and rewrites int->float->int Cast pairs as integer arithmetic
+(x * 0.5 becomes x * 0), the latter loses branch outputs the branch also reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -83,7 +88,8 @@ class Cleanup(Pass):
     ops and tensors over `fold_size_limit` bytes are not folded.
 
     Counters: `identities_removed`, `dropouts_removed`, `dead_nodes_removed`, `folded`
-    (nodes replaced by constants), `constants_merged`.
+    (nodes replaced by constants), `ifs_flattened` (If nodes with a constant condition
+    replaced by their branch), `constants_merged`.
     """
 
     name: ClassVar[str] = "cleanup"
@@ -101,7 +107,13 @@ class Cleanup(Pass):
         if cfg.merge_constants:
             _merge_constants(graph, report)
             graph.cleanup()
-        for key in ("identities_removed", "dropouts_removed", "folded", "constants_merged"):
+        for key in (
+            "identities_removed",
+            "dropouts_removed",
+            "folded",
+            "ifs_flattened",
+            "constants_merged",
+        ):
             report.count(key, 0)
         return report
 
@@ -186,25 +198,45 @@ def _cleanup(graph: gs.Graph) -> int:
 
 
 def _fold(graph: gs.Graph, limit: int, report: PassReport) -> None:
-    """Fold the graph, then each subgraph (If/Loop/Scan bodies), within the budget."""
+    """Fold the graph, then each subgraph (If/Loop/Scan bodies), within the budget.
+
+    Scopes are folded outer first; a scope into which If branches were flattened is
+    folded again, and its subgraphs are looked up after that.
+    """
     graph.toposort()
     shapes = infer_shapes(graph)
-    candidates = [n for n in graph.nodes if n.op != "Constant"]
-    _fold_one(graph, limit, shapes, report, graph.ir_version)
-    for sub in list(graph.subgraphs(recursive=True)):
-        _fold_one(sub, limit, shapes, report, graph.ir_version)
+    candidates = [n for n in _all_nodes(graph) if n.op != "Constant"]
+    kept = {t.name for t in (*graph.inputs, *graph.outputs)}  # interface names
+    for sub in graph.subgraphs(recursive=True):
+        kept.update(t.name for t in sub.outputs)  # a subgraph may return an outer tensor
+    state = _Flattening(kept=kept, owners=_name_owners(graph))
+    scopes = [graph]
+    while scopes:
+        scope = scopes.pop(0)
+        while True:  # a flattened branch may hold constants and If nodes to fold again
+            _fold_one(scope, limit, shapes, kept, report, graph.ir_version)
+            if not _flatten_constant_ifs(scope, state, report):
+                break
+        scopes.extend(sub for node in scope.nodes for sub in node.subgraphs())
     graph.cleanup(remove_unused_graph_inputs=False)
-    alive = {id(n) for n in graph.nodes}
-    folded = [n for n in candidates if id(n) not in alive]
+    alive = {id(n) for n in _all_nodes(graph)}
+    folded = [n for n in candidates if id(n) not in alive and id(n) not in state.dropped]
     report.count("folded", len(folded))
     for node in folded:
         report.detail(folded=node.name or node.op, op=node.op)
 
 
 def _fold_one(
-    graph: gs.Graph, limit: int, shapes: dict[str, Any], report: PassReport, ir: int | None
+    graph: gs.Graph,
+    limit: int,
+    shapes: dict[str, Any],
+    kept: set[str],
+    report: PassReport,
+    ir: int | None,
 ) -> None:
-    outputs = {t.name for t in graph.outputs}
+    """Fold one scope (subgraphs excluded). `kept`: names of the model's interface and of
+    subgraph outputs, whose producers stay."""
+    outputs = kept | {t.name for t in graph.outputs}
 
     def exclude(node: Any) -> bool:
         if node.op in NONDETERMINISTIC_OPS:
@@ -218,15 +250,22 @@ def _fold_one(
                 return True
         return False
 
+    _fold_static_shapes(graph, shapes, outputs)
     ir_version = graph.ir_version
     # gs exports the folding graph with this IR version: ONNX Runtime 1.19 refuses IR > 10,
     # and below IR 4 every initializer would have to be a graph input.
     graph.ir_version = min(max(ir or 10, 4), 10)
     options = {
+        # gs's own shape folding ignores Shape's start/end attributes and elides
+        # int->float->int Cast pairs (changing results): `_fold_static_shapes` replaces it.
+        "fold_shapes": False,
         "size_threshold": limit,
         "should_exclude_node": exclude,
         "recurse_subgraphs": False,
         "recurse_functions": False,
+        # gs's flattening of If nodes with a constant condition loses tensors that a
+        # branch both returns and reads: `_flatten_constant_ifs` replaces it.
+        "flatten_subgraphs": False,
     }
     import onnxruntime as ort
     from onnx_graphsurgeon.logger import G_LOGGER
@@ -249,6 +288,176 @@ def _fold_one(
     finally:
         graph.ir_version = ir_version
         ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
+
+
+def _fold_static_shapes(graph: gs.Graph, shapes: dict[str, Any], outputs: set[str]) -> None:
+    """Make the output of each Shape node whose input has a static shape a constant.
+
+    Honors Shape's `start`/`end` (opset 15): the result is `shape[start:end]` with
+    negative bounds counted from the end and both clamped to [0, rank], which is Python
+    slicing. Shape nodes that produce a graph output stay computed.
+    """
+    for node in graph.nodes:
+        if node.op != "Shape" or len(node.inputs) != 1 or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if out.name in outputs or out.is_empty() or node.inputs[0].is_empty():
+            continue
+        shape, _ = shapes.get(node.inputs[0].name, (None, None))
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            continue
+        start = node.attrs.get("start", 0)
+        end = node.attrs.get("end")
+        if not isinstance(start, int) or not isinstance(end, (int, type(None))):
+            continue  # an attribute reference (inside a function): not known here
+        out.to_constant(np.array(shape[start:end], dtype=np.int64))
+        out.inputs.clear()
+        node.outputs.clear()
+
+
+@dataclass
+class _Flattening:
+    """What `_flatten_constant_ifs` needs across scopes and calls.
+
+    `kept`: names that must not change (interface, subgraph outputs); `owners`: tensor
+    name -> ids of the tensors with that name (see `_name_owners`); `dropped`: ids of
+    the If nodes replaced and of the nodes of their branches not taken; `skipped`: ids
+    of the If nodes already reported as kept.
+    """
+
+    kept: set[str]
+    owners: dict[str, set[int]]
+    dropped: set[int] = field(default_factory=set)
+    skipped: set[int] = field(default_factory=set)
+
+
+def _flatten_constant_ifs(graph: gs.Graph, state: _Flattening, report: PassReport) -> int:
+    """Replace each If whose condition is a constant with the nodes of the branch it takes.
+
+    The branch's own tensors whose names other scopes use too (sibling branches may
+    repeat names) are renamed. For each If output, the producer of the branch
+    output writes the If output instead when nothing else reads the branch output;
+    otherwise (it is also read in the branch, returned twice, an outer tensor or a
+    constant) the readers of the If output read the branch output. An If output with a
+    name in `state.kept` can only be rebound: an If that would need it rerouted is left
+    alone and reported. Returns the number of If nodes replaced.
+    """
+    done = 0
+    index = 0
+    while index < len(graph.nodes):
+        node = graph.nodes[index]
+        index += 1
+        if node.op != "If" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        cond = np.asarray(node.inputs[0].values)
+        if cond.size != 1:
+            continue
+        key = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
+        branch = node.attrs.get(key)
+        if not isinstance(branch, gs.Graph):
+            continue
+        plan = _flatten_plan(node, branch, state.kept)
+        if isinstance(plan, str):
+            if id(node) not in state.skipped:
+                state.skipped.add(id(node))
+                report.skip(node, f"If with a constant condition kept: {plan}")
+            continue
+        _rename_clashing(branch, state.kept, state.owners)
+        pairs = list(zip(list(node.outputs), list(branch.outputs), plan))
+        node.inputs.clear()
+        node.outputs.clear()
+        for node_out, branch_out, rebind in pairs:
+            if rebind:
+                producer = branch_out.inputs[0]
+                slot = next(i for i, t in enumerate(producer.outputs) if t is branch_out)
+                producer.outputs[slot] = node_out
+            else:
+                replace_uses(node_out, branch_out)
+        index -= 1
+        graph.nodes[index : index + 1] = branch.nodes
+        index += len(branch.nodes)
+        state.dropped.add(id(node))
+        for other in node.subgraphs():
+            if other is not branch:
+                state.dropped.update(id(n) for n in _all_nodes(other))
+        report.count("ifs_flattened")
+        done += 1
+    return done
+
+
+def _flatten_plan(node: Any, branch: gs.Graph, kept: set[str]) -> list[bool] | str:
+    """For each output of the If `node`, whether the producer of `branch`'s output is
+    rebound to write it (True) or its readers are rerouted (False); or why `branch`
+    cannot replace the If."""
+    if branch.inputs:
+        return "its branch has inputs"
+    if len(branch.outputs) != len(node.outputs):
+        return "its branch returns a different number of values"
+    own = {id(t) for n in branch.nodes for t in n.outputs}
+    counts = Counter(id(t) for t in branch.outputs)
+    plan = []
+    for node_out, out in zip(node.outputs, branch.outputs):
+        if node_out.is_empty():
+            return "it has an omitted output"
+        rebind = id(out) in own and counts[id(out)] == 1 and not out.outputs
+        if not rebind and node_out.name in kept:
+            return f"its output '{node_out.name}' keeps its name but '{out.name}' is shared"
+        plan.append(rebind)
+    return plan
+
+
+def _only_read_in(tensor: Any, branch: gs.Graph) -> bool:
+    """Whether every node reading `tensor` belongs to `branch` or its subgraphs."""
+    inside = {id(n) for n in branch.nodes}
+    for sub in branch.subgraphs(recursive=True):
+        inside.update(id(n) for n in sub.nodes)
+    return all(id(n) in inside for n in tensor.outputs)
+
+
+def _rename_clashing(branch: gs.Graph, kept: set[str], owners: dict[str, set[int]]) -> None:
+    """Give the tensors local to `branch` that share a name with another tensor a new name.
+
+    Constants get a renamed copy: renaming an imported initializer in place would rename
+    it in the caller's ModelProto too (gs exports lazily loaded tensors in place).
+    """
+    local = [t for n in branch.nodes for t in n.outputs if not t.is_empty()]
+    local += [
+        t
+        for t in branch.tensors().values()
+        if isinstance(t, gs.Constant) and t.name not in kept and _only_read_in(t, branch)
+    ]
+    for tensor in {id(t): t for t in local}.values():
+        if len(owners.get(tensor.name, ())) < 2:
+            continue
+        owners[tensor.name].discard(id(tensor))
+        name, i = tensor.name, 0
+        while name in owners:
+            i += 1
+            name = f"{tensor.name}_{branch.name}_{i}"
+        if isinstance(tensor, gs.Constant):
+            copy = gs.Constant(name, np.array(tensor.values), export_dtype=tensor.export_dtype)
+            replace_uses(tensor, copy)
+            tensor = copy
+        else:
+            tensor.name = name
+        owners[name] = {id(tensor)}
+
+
+def _all_nodes(graph: gs.Graph) -> list[Any]:
+    """The nodes of the graph and of all its subgraphs."""
+    nodes = list(graph.nodes)
+    for sub in graph.subgraphs(recursive=True):
+        nodes.extend(sub.nodes)
+    return nodes
+
+
+def _name_owners(graph: gs.Graph) -> dict[str, set[int]]:
+    """Tensor name -> ids of the tensors with that name, over the graph and its subgraphs."""
+    owners: dict[str, set[int]] = defaultdict(set)
+    for scope in (graph, *graph.subgraphs(recursive=True)):
+        for name, tensor in scope.tensors().items():
+            owners[name].add(id(tensor))
+    return dict(owners)
 
 
 def _volume(shape: tuple[int, ...]) -> int:

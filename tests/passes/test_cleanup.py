@@ -294,6 +294,180 @@ def test_constants_inside_subgraphs_fold() -> None:
     np.testing.assert_array_equal(_run(cleaned, feeds)[0], np.abs(x))
 
 
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [(1, 3, [3, 4]), (-3, None, [3, 4, 5]), (0, -1, [2, 3, 4]), (3, 1, [])],
+)
+def test_shape_with_start_and_end_folds_to_the_slice(
+    start: int, end: int | None, expected: list[int]
+) -> None:
+    # onnx-graphsurgeon's own shape folding ignores start/end and folds the whole shape.
+    bounds = {"start": start} if end is None else {"start": start, "end": end}
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], **bounds),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["b", "sf"], ["y"]),
+    ]
+    model = _model(nodes, {"x": (2, 3, 4, 5), "b": (len(expected),)}, ["y"], [], 15)
+    cleaned, report = _clean(model)
+    assert _ops(cleaned) == ["Add"]
+    assert report.counters["folded"] == 2
+    (folded,) = cleaned.graph.initializer
+    assert numpy_helper.to_array(folded).tolist() == expected
+    _assert_equivalent(model, cleaned)
+
+
+def test_int_float_int_cast_pairs_keep_their_arithmetic() -> None:
+    # onnx-graphsurgeon's shape-tensor cast elision would compute x * int(0.5) = 0.
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xf", "half"], ["h"]),
+        helper.make_node("Cast", ["h"], ["y"], to=TensorProto.INT64),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [5])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [5])],
+        [_init("half", np.float32(0.5))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    cleaned, report = _clean(model)
+    assert _ops(cleaned) == ["Cast", "Mul", "Cast"]
+    assert report.counters["folded"] == 0
+    x = np.array([3, 4, 7, -5, 10], np.int64)
+    np.testing.assert_array_equal(_run(cleaned, {"x": x})[0], [1, 2, 3, -2, 5])
+
+
+def _branch(name: str, nodes: list, outputs: list[str]) -> onnx.GraphProto:
+    infos = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in outputs]
+    return helper.make_graph(nodes, name, [], infos)
+
+
+def _constant_if_model(then_graph: onnx.GraphProto, after: list, outputs: list[str]) -> Any:
+    """If(c) with c an initializer equal to true, returning o0, o1 ...; then `after`."""
+    n = len(then_graph.output)
+    else_graph = _branch(
+        "else",
+        [helper.make_node("Abs", ["x"], [f"e{i}"]) for i in range(n)],
+        [f"e{i}" for i in range(n)],
+    )
+    node = helper.make_node(
+        "If", ["c"], [f"o{i}" for i in range(n)], then_branch=then_graph, else_branch=else_graph
+    )
+    graph = helper.make_graph(
+        [node, *after],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("c2", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [3]) for o in outputs],
+        [_init("c", np.bool_(True)), _init("one", np.ones(3, np.float32))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _assert_same_for_both_c2(model: onnx.ModelProto, cleaned: onnx.ModelProto) -> None:
+    onnx.checker.check_model(cleaned, full_check=True)
+    x = np.array([0.5, -2.0, 3.0], np.float32)
+    for c2 in (True, False):
+        feeds = {"x": x, "c2": np.array(c2)}
+        for ref, got in zip(_run(model, feeds), _run(cleaned, feeds), strict=True):
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_if_with_a_constant_condition_is_replaced_by_its_branch() -> None:
+    # The branch returns `a` and reads it too (gs's own flattening loses `a` then), a
+    # nested If reads the branch's own tensor `a` from its outer scope, and the branch's
+    # constant arithmetic folds after flattening.
+    nested = {
+        "then_branch": _branch("nt", [helper.make_node("Neg", ["a"], ["na"])], ["na"]),
+        "else_branch": _branch("ne", [helper.make_node("Exp", ["a"], ["ea"])], ["ea"]),
+    }
+    then_graph = _branch(
+        "then",
+        [
+            helper.make_node("Neg", ["one"], ["minus"]),  # folds once flattened
+            helper.make_node("Add", ["x", "minus"], ["a"]),
+            helper.make_node("Mul", ["a", "a"], ["b"]),
+            helper.make_node("If", ["c2"], ["n"], **nested),
+        ],
+        ["a", "b", "n"],
+    )
+    model = _constant_if_model(
+        then_graph, [helper.make_node("Neg", ["o0"], ["y"])], ["y", "o1", "o2"]
+    )
+    cleaned, report = _clean(model)
+    assert _ops(cleaned) == ["Add", "Mul", "If", "Neg"]
+    assert report.counters["ifs_flattened"] == 1
+    assert report.counters["folded"] == 1
+    assert [o.name for o in cleaned.graph.output] == ["y", "o1", "o2"]
+    _assert_same_for_both_c2(model, cleaned)
+
+
+def test_if_whose_graph_output_would_need_rerouting_is_kept() -> None:
+    # o0 must keep its name, but the branch's t is also read by the branch's Abs.
+    then_graph = _branch(
+        "then",
+        [helper.make_node("Neg", ["x"], ["t"]), helper.make_node("Abs", ["t"], ["u"])],
+        ["t", "u"],
+    )
+    model = _constant_if_model(then_graph, [], ["o0", "o1"])
+    cleaned, report = _clean(model)
+    assert _ops(cleaned) == ["If"]
+    assert report.counters["ifs_flattened"] == 0
+    reason = "If with a constant condition kept: its output 'o0' keeps its name but 't' is shared"
+    assert [(s.op, s.reason) for s in report.skips] == [("If", reason)]
+    _assert_same_for_both_c2(model, cleaned)
+
+
+def test_flattened_branches_get_unique_names_and_the_input_model_is_unchanged() -> None:
+    # Both branches name their tensors t, u and their initializer k: flattening both
+    # into one scope must rename the second set (k by a copy: renaming an imported
+    # initializer in place would rename it in the caller's ModelProto).
+    def branch(scale: float) -> onnx.GraphProto:
+        graph = _branch(
+            "then",
+            [
+                helper.make_node("Mul", ["x", "k"], ["t"]),
+                helper.make_node("Add", ["t", "t"], ["u"]),
+            ],
+            ["u"],
+        )
+        graph.initializer.append(_init("k", np.full(3, scale, np.float32)))
+        return graph
+
+    else_graph = _branch("else", [helper.make_node("Abs", ["x"], ["e"])], ["e"])
+    nodes = [
+        helper.make_node("If", ["c"], [f"y{i}"], then_branch=branch(s), else_branch=else_graph)
+        for i, s in enumerate((2.0, 3.0))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in ("y0", "y1")],
+        [_init("c", np.bool_(True))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    before = model.SerializeToString()
+    cleaned, report = _clean(model)
+    assert model.SerializeToString() == before
+    assert report.counters["ifs_flattened"] == 2
+    assert sorted(_ops(cleaned)) == ["Add", "Add", "Mul", "Mul"]
+    assert len({t.name for t in cleaned.graph.initializer}) == 2  # both k, renamed apart
+    onnx.checker.check_model(cleaned, full_check=True)
+    x = np.array([0.5, -2.0, 3.0], np.float32)
+    y0, y1 = _run(cleaned, {"x": x})
+    np.testing.assert_array_equal(y0, 4 * x)
+    np.testing.assert_array_equal(y1, 6 * x)
+
+
 # --------------------------------------------------------------------------- Identity / Dropout
 
 
