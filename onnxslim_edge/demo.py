@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxslim_edge.errors import ConfigError, DataError, InvalidModelError
+from onnxslim_edge.errors import ConfigError, DataError, InvalidModelError, first_line
 
 __all__ = [
     "DIGITS_MODEL",
@@ -110,7 +110,7 @@ def digits_accuracy(
         try:
             scores = session.run([output_name], {feed_name: batch})[0]
         except Exception as exc:  # ORT raises its own types for shape/type mismatches
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise DataError(f"the model cannot run on digits images (N, 1, 8, 8): {first}") from exc
         scores = np.asarray(scores)
         if scores.shape != (len(batch), _NUM_CLASSES):

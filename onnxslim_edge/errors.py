@@ -14,6 +14,7 @@ __all__ = [
     "InvalidModelError",
     "OnnxSlimEdgeError",
     "UnsupportedError",
+    "first_line",
 ]
 
 
@@ -35,3 +36,9 @@ class ConfigError(OnnxSlimEdgeError):
 
 class DataError(OnnxSlimEdgeError):
     """Calibration/evaluation data is missing, malformed or does not fit the model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

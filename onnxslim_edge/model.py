@@ -24,7 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnxslim_edge.errors import ConfigError, InvalidModelError, UnsupportedError
+from onnxslim_edge.errors import ConfigError, InvalidModelError, UnsupportedError, first_line
 
 __all__ = [
     "PROTOBUF_LIMIT",
@@ -230,7 +230,7 @@ def check_model(model: onnx.ModelProto, origin: str = "<model>") -> None:
                 _write(model, path, external=True)
                 onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InvalidModelError(f"{origin}: fails the ONNX checker: {first}") from exc
 
 
@@ -323,7 +323,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
         return version_converter.convert_version(model, opset)
     except Exception as exc:  # the converter raises bare RuntimeErrors and more
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UnsupportedError(
             f"cannot convert the model from opset {current} to {opset}: {first}"
         ) from exc

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import onnx
 
-from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, UnsupportedError
+from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, UnsupportedError, first_line
 from onnxslim_edge.model import (
     ModelSource,
     check_model,
@@ -619,7 +619,7 @@ def graph_from_model(model: onnx.ModelProto) -> Any:
         return gs.import_onnx(model)
     except Exception as exc:  # gs raises bare errors on types it cannot represent
         raise UnsupportedError(
-            f"onnx-graphsurgeon cannot import the model: {_first_line(exc)}"
+            f"onnx-graphsurgeon cannot import the model: {first_line(exc)}"
         ) from exc
 
 
@@ -631,7 +631,7 @@ def model_from_graph(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
         model = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
     except Exception as exc:  # e.g. optional/sequence types: UnboundLocalError inside gs
         raise UnsupportedError(
-            f"onnx-graphsurgeon cannot export the graph: {_first_line(exc)}"
+            f"onnx-graphsurgeon cannot export the graph: {first_line(exc)}"
         ) from exc
     for key in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, key, getattr(like, key))
@@ -641,11 +641,6 @@ def model_from_graph(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
     # input's IR unless the exported graph needs a higher one.
     model.ir_version = max(like.ir_version or 3, min_ir_version(model))
     return lower_ir_version(model) if model.ir_version > 10 else model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Pipeline:

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from onnxslim_edge.errors import InvalidModelError, UnsupportedError
+from onnxslim_edge.errors import InvalidModelError, UnsupportedError, first_line
 from onnxslim_edge.model import PROTOBUF_LIMIT, lower_ir_version, model_bytes, model_on_disk
 
 __all__ = ["make_session", "serialized"]
@@ -74,5 +74,5 @@ def make_session(
     except (InvalidModelError, UnsupportedError):
         raise
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UnsupportedError(f"ONNX Runtime cannot load the model: {first}") from exc

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from onnxslim_edge.data import _model_inputs, open_data
-from onnxslim_edge.errors import ConfigError, UnsupportedError
+from onnxslim_edge.errors import ConfigError, UnsupportedError, first_line
 from onnxslim_edge.model import PROTOBUF_LIMIT, ModelSource, load_model, model_bytes, model_on_disk
 
 __all__ = ["FLOOR_KEYS", "OutputMetrics", "VerifyResult", "compare"]
@@ -402,17 +402,12 @@ def _runner(model: onnx.ModelProto, label: str) -> Iterator[Any]:
             runner.activate()
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise UnsupportedError(
-                f"{label}: ONNX Runtime cannot load the model: {_first_line(exc)}"
+                f"{label}: ONNX Runtime cannot load the model: {first_line(exc)}"
             ) from exc
         try:
             yield runner
         finally:
             runner.deactivate()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _quiet_polygraphy() -> Any:
@@ -505,7 +500,7 @@ def compare(
             except Exception as exc:
                 raise UnsupportedError(
                     f"reference: ONNX Runtime failed on the batch from sample {samples}: "
-                    f"{_first_line(exc)}"
+                    f"{first_line(exc)}"
                 ) from exc
             missing = [k for k in cand_required if k not in feed]
             if missing:
@@ -518,7 +513,7 @@ def compare(
                     {k: v for k, v in feed.items() if k in cand_inputs}, check_inputs=False
                 )
             except Exception as exc:
-                messages.append(f"candidate: ONNX Runtime failed: {_first_line(exc)}")
+                messages.append(f"candidate: ONNX Runtime failed: {first_line(exc)}")
                 break
             for n in live:
                 acc[n].update(ref_out[n], cand_out[n], rtol)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_edge.errors import ConfigError
+from onnxslim_edge.errors import ConfigError, first_line
 from onnxslim_edge.passes._graph import (
     const_value,
     infer_shapes,
@@ -278,13 +278,13 @@ def _fold_one(
                 graph.fold_constants(error_ok=False, **options)
             except Exception as exc:
                 report.warn(
-                    f"constant folding of '{graph.name}' failed as a whole ({_first_line(exc)}); "
+                    f"constant folding of '{graph.name}' failed as a whole ({first_line(exc)}); "
                     "folding part by part"
                 )
                 try:  # gs 0.6 "basic" partitioning recurses forever on a failing part
                     graph.fold_constants(error_ok=True, partitioning="recursive", **options)
                 except Exception as exc2:
-                    report.warn(f"constant folding of '{graph.name}' skipped: {_first_line(exc2)}")
+                    report.warn(f"constant folding of '{graph.name}' skipped: {first_line(exc2)}")
     finally:
         graph.ir_version = ir_version
         ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
@@ -465,11 +465,6 @@ def _volume(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- merging

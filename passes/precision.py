@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError
-from onnxslim_edge.passes._graph import infer_shapes, unique_name
+from onnxslim_edge.passes._graph import _np_dtype, infer_shapes, unique_name
 from onnxslim_edge.pipeline import Context, Pass, PassReport
 
 __all__ = ["DEFAULT_OP_BLOCK_LIST", "ConvertFP16", "ConvertFP16Config"]
@@ -150,7 +150,7 @@ class _Converter:
                 self.orig[id(tensor)] = np.dtype(tensor.values.dtype)
             else:
                 dt = known.get(name, (None, None))[1]
-                self.orig[id(tensor)] = dt if dt is not None else _dtype(tensor.dtype)
+                self.orig[id(tensor)] = dt if dt is not None else _np_dtype(tensor.dtype)
         self.cur = dict(self.orig)
         self.casts: dict[tuple[int, str], Any] = {}
         self.halves: dict[int, Any] = {}
@@ -446,15 +446,3 @@ def _opset(graph: gs.Graph) -> int:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     return 13
-
-
-def _dtype(dtype: Any) -> np.dtype | None:
-    if dtype is None:
-        return None
-    try:
-        return np.dtype(dtype)
-    except TypeError:
-        try:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        except (KeyError, TypeError, ValueError):
-            return None

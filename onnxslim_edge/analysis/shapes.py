@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxslim_edge.errors import DataError
+from onnxslim_edge.errors import DataError, first_line
 from onnxslim_edge.model import PROTOBUF_LIMIT, iter_graphs, model_bytes, model_on_disk
 
 __all__ = ["Dim", "TensorInfo", "dtype_name", "infer_shapes", "io_info"]
@@ -160,7 +160,7 @@ def _onnx_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
             onnx.shape_inference.infer_shapes_path(str(path), str(out), **kwargs)
             return onnx.load(str(out), load_external_data=False)
     except Exception as exc:  # onnx raises bare RuntimeErrors for what it cannot parse
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         log.warning("ONNX shape inference failed (%s); using declared shapes only", first)
         return model
 
@@ -345,7 +345,7 @@ def _runtime_shapes(
         quiet.log_severity_level = 4  # a failure is reported below, once
         values = session.run(names, feeds, quiet)
     except Exception as exc:  # an unsupported op, a data-dependent failure ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         log.log(level, "ONNX Runtime could not compute concrete shapes (%s); keeping ONNX's", first)
         return {}
     result = {}
