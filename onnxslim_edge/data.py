@@ -98,7 +98,7 @@ def _model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
         if tensor.HasField("shape"):
             dims: list[int | str | None] = []
             for d in tensor.shape.dim:
-                if d.HasField("dim_value"):
+                if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(int(d.dim_value))
                 elif d.HasField("dim_param") and d.dim_param:
                     dims.append(d.dim_param)

@@ -764,21 +764,59 @@ class Pipeline:
     ) -> dict[str, Any]:
         from onnxslim_edge.verify import compare
 
-        result = compare(
-            before,
-            after,
-            data=self._check_data.get(),
-            rtol=self.rtol,
-            atol=self.atol,
-            atol_mode="range",
-            max_samples=self.max_samples,
-            input_shapes=ctx.input_shapes,
-            seed=ctx.seed,
-        )
+        def check(atol: float) -> Any:
+            return compare(
+                before,
+                after,
+                data=self._check_data.get(),
+                rtol=self.rtol,
+                atol=atol,
+                atol_mode="range",
+                max_samples=self.max_samples,
+                input_shapes=ctx.input_shapes,
+                seed=ctx.seed,
+            )
+
+        result = check(self.atol)
+        noise = None
+        if not result.passed:
+            # Deep float32 graphs: the tolerance may not be tighter than ONNX Runtime's own
+            # rewrites (which fold BN and fuse the same way) move the previous model.
+            noise = self._float_noise(before, ctx)
+            if 2 * noise > self.atol:
+                result = check(2 * noise)
         summary = result.to_dict()
+        summary["float32_noise"] = noise
         if not result.passed:
             raise FidelityError(f"lossless pass '{name}' changed the outputs: {result.summary()}")
         return summary
+
+    def _float_noise(self, model: onnx.ModelProto, ctx: Context) -> float:
+        """Largest output change, relative to the output's range, between running `model`
+        with and without ONNX Runtime's graph optimizations: float32 noise of reordering."""
+        import numpy as np
+
+        from onnxslim_edge.runtime import make_session
+
+        plain = make_session(model, optimization="disable")
+        fused = make_session(model, optimization="all")
+        names = [o.name for o in plain.get_outputs()]
+        wanted = {i.name for i in plain.get_inputs()}
+        worst: dict[str, float] = {}
+        scale: dict[str, float] = {}
+        for i, feed in enumerate(self._check_data.get()):
+            if i >= self.max_samples:
+                break
+            feed = {k: v for k, v in feed.items() if k in wanted}
+            for n, a, b in zip(names, plain.run(None, feed), fused.run(None, feed)):
+                a, b = np.asarray(a), np.asarray(b)
+                if a.dtype.kind != "f" or a.size == 0 or a.shape != b.shape:
+                    continue
+                a, b = a.astype(np.float64), b.astype(np.float64)
+                finite = np.isfinite(a) & np.isfinite(b)
+                worst[n] = max(worst.get(n, 0.0), float(np.abs(a - b)[finite].max(initial=0.0)))
+                scale[n] = max(scale.get(n, 0.0), float(np.abs(a[finite]).max(initial=0.0)))
+        return max((worst[n] / scale[n] for n in worst if scale[n] > 0), default=0.0)
 
     def _check_floors(
         self, original: onnx.ModelProto, final: onnx.ModelProto, ctx: Context

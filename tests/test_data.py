@@ -410,3 +410,17 @@ def test_memory_stays_flat_with_more_samples(tmp_path):
     data_bytes = 1024 * sample.nbytes
     assert peak_large < data_bytes / 20, (peak_small, peak_large)
     assert peak_large < 2 * peak_small + 256 * 1024, (peak_small, peak_large)
+
+
+def test_negative_dim_value_is_dynamic() -> None:
+    """Some exporters (Paddle) write a dynamic batch as dim_value -1: it is not a fixed batch."""
+    from onnx import TensorProto, helper
+
+    from onnxslim_edge.data import open_data
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    batches = list(open_data("random", model, batch_size=2, limit=5))
+    assert [b["x"].shape for b in batches] == [(2, 3), (2, 3), (1, 3)]

@@ -544,7 +544,9 @@ def det_map_fidelity(
         dot, ref_sq, cand_sq = dot + d, ref_sq + rr, cand_sq + cc
         err_sq += float(((r - c) ** 2).sum())
         max_abs = max(max_abs, float(np.abs(r - c).max()))
-        min_cosine = min(min_cosine, _cosine(d, rr, cc))
+        if max(float(np.abs(r).max()), float(np.abs(c).max())) >= _EMPTY_MAP:
+            min_cosine = min(min_cosine, _cosine(d, rr, cc))
+        # else: both maps see no text at all; their cosine is noise, not disagreement
     sqnr = math.inf if err_sq == 0 else 10.0 * math.log10(ref_sq / err_sq)
     return {
         "cosine": _cosine(dot, ref_sq, cand_sq),
@@ -552,6 +554,10 @@ def det_map_fidelity(
         "max_abs": max_abs,
         "min_cosine": min_cosine,
     }
+
+
+#: A probability map whose every pixel is below this holds no text region.
+_EMPTY_MAP = 0.01
 
 
 def _cosine(dot: float, aa: float, bb: float) -> float:
