@@ -198,3 +198,49 @@ def test_torch_architecture(arch: str, torch_model: Callable[[str], Path]) -> No
     if arch == "dynamic":
         dim = slim.graph.input[0].type.tensor_type.shape.dim[0]
         assert dim.dim_param == "batch" and not dim.HasField("dim_value")
+
+
+@pytest.mark.parametrize("case", CASES, ids=corpus.corpus_ids(CASES))
+def test_corpus_case_through_the_cli(
+    case: corpus.CorpusCase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's acceptance loop as a user types it: optimize, then verify (exit 0).
+
+    The CLI verifies on random inputs. A few corpus models cannot run on random data at
+    all (shape tensors as inputs, strings, split sizes): those are skipped with the
+    reason, and `test_corpus_case` covers them with their reference inputs.
+    """
+    from onnxslim_edge.cli import main
+
+    reason = case.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out.onnx"
+    argv = ["optimize", str(case.model_path), "-o", str(out), "-q", "--samples", "1"]
+    rc = main([*argv, "--pass", "cleanup", "--pass", "fold-batchnorm"])
+    err = capsys.readouterr().err
+    if rc == 2 and ("reference: ONNX Runtime failed" in err or "random data cannot" in err):
+        pytest.skip(f"random inputs cannot drive this model: {err.strip()}")
+    assert rc == 0, err
+    rc = main(["verify", str(case.model_path), str(out), "--samples", "2", "-q"])
+    err = capsys.readouterr().err
+    if rc == 2 and ("reference: ONNX Runtime failed" in err or "random data cannot" in err):
+        pytest.skip(f"random inputs cannot drive this model: {err.strip()}")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=corpus.corpus_ids(CASES))
+def test_corpus_case_onnx_runtime_cannot_run_stays_valid(case: corpus.CorpusCase) -> None:
+    """Models ONNX Runtime refuses (opset 1/6 ops, training ops) still come out valid."""
+    if case.skip_reason() is None:
+        pytest.skip("covered with outputs by test_corpus_case")
+    from onnxslim_edge import Pipeline
+    from onnxslim_edge.errors import UnsupportedError
+
+    original = case.load_model()
+    try:
+        result = Pipeline(list(PASSES), validate="checker", verify_lossless=False).run(original)
+    except UnsupportedError as exc:  # e.g. graphsurgeon cannot represent the types
+        pytest.skip(f"refused cleanly: {exc}")
+    onnx.checker.check_model(result.model)
+    _assert_same_interface(result.model, original)
