@@ -251,20 +251,55 @@ def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
     model.ir_version = _lowered(model)
     try:
         if external:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(
-                copy,
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=path.name + ".data",
-                size_threshold=1024,
-            )
+            _write_external(model, path)
         else:
             path.write_bytes(model.SerializeToString())
     finally:
         model.ir_version = ir_before
+
+
+#: Tensors at least this large go to the external data file.
+_EXTERNAL_THRESHOLD = 1024
+
+
+def _write_external(model: onnx.ModelProto, path: Path) -> None:
+    """`path` plus `path.name + ".data"`, without copying the model.
+
+    Each large tensor's bytes are moved to the data file and the tensor points there
+    while the (now small) model is serialized; then every tensor is restored, also on
+    error. Peak memory stays at the model plus one tensor, where a copy would double it.
+    """
+    location = path.name + ".data"
+    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
+    try:
+        with open(path.parent / location, "wb") as data:
+            for tensor in iter_tensors(model):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    continue
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < _EXTERNAL_THRESHOLD:
+                    continue
+                raw = tensor.raw_data
+                offset = data.tell()
+                data.write(raw)
+                moved.append((tensor, raw, tensor.HasField("data_location")))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (
+                    ("location", location),
+                    ("offset", offset),
+                    ("length", len(raw)),
+                ):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+        path.write_bytes(model.SerializeToString())
+    finally:
+        for tensor, raw, had_location in moved:
+            del tensor.external_data[:]
+            if had_location:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            else:
+                tensor.ClearField("data_location")
+            tensor.raw_data = raw
 
 
 def save_model(

@@ -163,3 +163,21 @@ def test_save_with_opset(tmp_path: Path) -> None:
 def test_output_folder_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="folder does not exist"):
         save_model(_gemm_model(), tmp_path / "nope" / "m.onnx")
+
+
+def test_external_save_leaves_the_callers_model_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _gemm_model(64, 32)
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "a.onnx", external_data=True)
+    assert model.SerializeToString() == before
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tmp_path / "b.onnx", external_data=True)
+    assert model.SerializeToString() == before, "tensors are restored after a failed save"
+    assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "b.onnx.data").exists()
