@@ -350,7 +350,13 @@ def amax_entropy(stats: TensorStats, *, num_levels: int = 128) -> float:
     """TensorRT's KL-divergence threshold (see the module docstring)."""
     if stats.bin_width == 0:
         return 0.0
-    i = entropy_bin(stats.hist, num_levels=num_levels)
+    # The exact zeros of a ReLU output pile up in the first bin; left in, that spike
+    # dominates P and the KL search clips half the positive range (ReLU(N(0,1)): amax
+    # 1.5 instead of ~4). Level it with its neighbour.
+    hist = stats.hist.copy()
+    if len(hist) > 1:
+        hist[0] = min(hist[0], hist[1])
+    i = entropy_bin(hist, num_levels=num_levels)
     return float(min(i * stats.bin_width, stats.absmax))
 
 

@@ -424,3 +424,13 @@ def test_calibrator_errors() -> None:
         calib.collect([np.zeros((1, 1, 5, 5), np.float32)])
     with pytest.raises(DataError, match="input 'x' is missing"):
         Calibrator(model, ["x"]).collect([{}])
+
+
+def test_entropy_is_not_dominated_by_relu_zeros() -> None:
+    """ReLU outputs are half exact zeros: the threshold must still cover the bulk."""
+    from onnxslim_edge.passes.quantize.calibrate import TensorStats, compute_amax
+
+    x = np.maximum(np.random.default_rng(0).standard_normal(200_000), 0).astype(np.float32)
+    stats = TensorStats()
+    stats.update(x)
+    assert compute_amax(stats, "entropy") >= np.percentile(x[x > 0], 99.9)
