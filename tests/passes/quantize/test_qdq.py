@@ -542,3 +542,32 @@ def test_light_corpus(case):
             return
     out = make_session(result.model).run(None, feeds)
     assert all(np.isfinite(o).all() for o in out)
+
+
+_OTHER_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
+
+
+@pytest.mark.parametrize("case", corpus.corpus_cases(_OTHER_KINDS), ids=lambda c: c.id)
+def test_rest_of_the_corpus_quantizes_or_skips_cleanly(case):
+    """Every other corpus model ONNX Runtime runs: quantized (lint-clean for TensorRT) or
+    left alone with reasons, never broken. Calibrated on the case's own inputs."""
+    from onnxslim_edge.errors import UnsupportedError
+    from onnxslim_edge.passes.quantize.lint import lint_qdq
+
+    if case.skip_reason():
+        pytest.skip(case.skip_reason())
+    feeds, _ = case.original_run()
+    try:
+        result = Pipeline(["cleanup", Quantize()], validate="none").run(
+            case.load_model(), Context(data=[feeds])
+        )
+    except UnsupportedError as exc:  # refused as a whole, with the reason: clean
+        assert str(exc)
+        return
+    report = result.report.passes[-1]
+    if report.counters.get("layers_quantized"):
+        assert [v for v in lint_qdq(result.model) if v.severity == "error"] == []
+    else:
+        assert not _nodes(result.model, "QuantizeLinear")
+    out = make_session(result.model).run(None, feeds)
+    assert len(out) == len(case.load_model().graph.output)
