@@ -61,15 +61,17 @@ class CleanupConfig:
     - `fold_size_limit`: the largest tensor, in bytes, that folding may create.
     - `remove_identity`: bypass Identity nodes and inference-mode Dropout nodes.
     - `merge_constants`: make constants with the same dtype, shape and bytes one.
+    - `fuse_pad`: `Pad(zeros, spatial axes) -> Conv` becomes one Conv with larger pads.
     """
 
     fold_constants: bool = True
     fold_size_limit: int = 16 * 2**20
     remove_identity: bool = True
     merge_constants: bool = True
+    fuse_pad: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("fold_constants", "remove_identity", "merge_constants"):
+        for key in ("fold_constants", "remove_identity", "merge_constants", "fuse_pad"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cleanup.{key}: expected true/false, got {getattr(self, key)!r}")
         limit = self.fold_size_limit
@@ -104,10 +106,13 @@ class Cleanup(Pass):
         report.count("dead_nodes_removed", _cleanup(graph))
         if cfg.fold_constants:
             _fold(graph, cfg.fold_size_limit, report)
+        if cfg.fuse_pad:
+            _fuse_pads(graph, report)
         if cfg.merge_constants:
             _merge_constants(graph, report)
             graph.cleanup()
         for key in (
+            "pads_fused",
             "identities_removed",
             "dropouts_removed",
             "folded",
@@ -116,6 +121,69 @@ class Cleanup(Pass):
         ):
             report.count(key, 0)
         return report
+
+
+# --------------------------------------------------------------------------- pad fusion
+
+
+def _fuse_pads(graph: gs.Graph, report: PassReport) -> None:
+    """`Pad(x, zeros on spatial axes) -> Conv` => `Conv(x)` with the pads added. Exact:
+    Conv's own padding is zeros too. TF-style "SAME" exports (asymmetric at stride 2)
+    produce this pair before every strided conv."""
+    outputs = output_ids(graph)
+    for pad in [n for n in graph.nodes if n.op == "Pad"]:
+        out = pad.outputs[0]
+        consumers = list(out.outputs)
+        if id(out) in outputs or len(consumers) != 1 or consumers[0].op != "Conv":
+            continue
+        conv = consumers[0]
+        if conv.inputs[0] is not out:
+            continue
+        reason, spatial = _pad_amounts(pad)
+        if reason is None and conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            reason = "the Conv uses auto_pad"
+        if reason:
+            report.skip(pad, reason)
+            continue
+        rank = len(spatial) // 2
+        current = list(conv.attrs.get("pads", [0] * (2 * rank)))
+        if len(current) != 2 * rank:
+            report.skip(pad, "Pad and Conv disagree on the number of spatial axes")
+            continue
+        conv.attrs["pads"] = [int(a) + int(b) for a, b in zip(current, spatial)]
+        conv.inputs[0] = pad.inputs[0]
+        pad.outputs.clear()
+        report.count("pads_fused")
+
+
+def _pad_amounts(pad: gs.Node) -> tuple[str | None, list[int]]:
+    """(why not, []) or (None, Conv-style spatial pads [b1.., e1..]) of a Pad node."""
+    mode = pad.attrs.get("mode", "constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        return "not constant padding", []
+    if len(pad.inputs) > 3 and not pad.inputs[3].is_empty():
+        return "pads selected axes (axes input)", []
+    if "pads" in pad.attrs:  # opset < 11
+        pads, value = np.asarray(pad.attrs["pads"]), pad.attrs.get("value", 0.0)
+    else:
+        pads = const_value(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        value = 0.0
+        if len(pad.inputs) > 2 and not pad.inputs[2].is_empty():
+            value = const_value(pad.inputs[2])
+    if pads is None or value is None:
+        return "pads or value computed at run time", []
+    if np.any(np.asarray(value) != 0):
+        return "pads with a nonzero value", []
+    pads = [int(v) for v in np.asarray(pads).ravel()]
+    rank = len(pads) // 2
+    if rank < 3:
+        return "no spatial axes", []
+    begin, end = pads[:rank], pads[rank:]
+    if any(begin[:2]) or any(end[:2]):
+        return "pads the batch or channel axis", []
+    if min(pads) < 0:
+        return "crops (negative pads)", []
+    return None, begin[2:] + end[2:]
 
 
 # --------------------------------------------------------------------------- copies

@@ -701,3 +701,64 @@ def test_registry_and_config() -> None:
     with pytest.raises(ConfigError, match="remove_identity"):
         Cleanup.Config(remove_identity="yes")
     assert Cleanup(fold_size_limit="1024").config.fold_size_limit == 1024
+
+
+# --------------------------------------------------------------------------- pad fusion
+
+
+def _pad_conv_model(pads, *, value=0.0, mode="constant", opset=13, conv_pads=(0, 0, 0, 0)):
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    p = onnx.numpy_helper.from_array(np.array(pads, np.int64), "pads")
+    v = onnx.numpy_helper.from_array(np.array(value, np.float32), "v")
+    nodes = [
+        onnx.helper.make_node("Pad", ["x", "pads", "v"], ["p"], mode=mode, name="pad"),
+        onnx.helper.make_node(
+            "Conv", ["p", "w"], ["y"], strides=[2, 2], pads=list(conv_pads), name="conv"
+        ),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 9, 9])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [w, p, v],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize(
+    "pads",
+    [(0, 0, 0, 0, 0, 0, 1, 1), (0, 0, 1, 0, 0, 0, 1, 2)],  # TF "SAME" at stride 2: asymmetric
+)
+def test_zero_pad_fuses_into_conv(pads) -> None:
+    model = _pad_conv_model(pads, conv_pads=(1, 0, 0, 1))
+    result = Pipeline([Cleanup()]).run(model)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
+    conv = result.model.graph.node[0]
+    got = next(a.ints for a in conv.attribute if a.name == "pads")
+    assert list(got) == [1 + pads[2], pads[3], pads[6], 1 + pads[7]]
+    assert result.report.passes[0].counters["pads_fused"] == 1
+    x = np.random.default_rng(1).standard_normal((1, 3, 9, 9)).astype(np.float32)
+    np.testing.assert_allclose(
+        make_session(result.model).run(None, {"x": x})[0],
+        make_session(model).run(None, {"x": x})[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"pads": (0, 0, 1, 1, 0, 0, 1, 1), "value": 1.0}, "pads with a nonzero value"),
+        ({"pads": (0, 0, 1, 1, 0, 0, 1, 1), "mode": "reflect"}, "not constant padding"),
+        ({"pads": (0, 1, 0, 0, 0, 0, 0, 0)}, "pads the batch or channel axis"),
+        ({"pads": (0, 0, -1, 0, 0, 0, 0, 0)}, "crops (negative pads)"),
+    ],
+)
+def test_pad_that_cannot_fuse_is_left_with_a_reason(kwargs, reason) -> None:
+    model = _pad_conv_model(**kwargs)
+    result = Pipeline([Cleanup()]).run(model)
+    assert [n.op_type for n in result.model.graph.node] == ["Pad", "Conv"]
+    assert ("pad", reason) in {(s.node, s.reason) for s in result.report.passes[0].skips}
