@@ -178,10 +178,12 @@ class _CostModel:
     consumers, of its input channels (the formulas of `analysis.cost`); a sliced
     constant's size with the kept fraction along each sliced axis."""
 
-    def __init__(self, graph: gs.Graph, analysis: ChannelAnalysis, model: Any) -> None:
+    def __init__(
+        self, graph: gs.Graph, analysis: ChannelAnalysis, model: Any, input_shapes: Any = None
+    ) -> None:
         from onnxslim_edge.analysis.cost import model_cost
 
-        cost = model_cost(model)
+        cost = model_cost(model, input_shapes=input_shapes)
         self.base_macs, self.base_params = cost.macs, cost.params
         self.analysis = analysis
         self.terms: list[tuple[float, list[np.ndarray]]] = []
@@ -252,9 +254,8 @@ class PruneChannels(Pass):
         cfg: PruneChannelsConfig = self.config
         report = self.new_report()
         round_to = cfg.round_to or ctx.target.round_to
-        analysis = analyze_channels(
-            graph, input_shapes=ctx.input_shapes, exclude_nodes=cfg.exclude_nodes
-        )
+        shapes = ctx.input_shapes or _shapes_from_data(ctx, graph)
+        analysis = analyze_channels(graph, input_shapes=shapes, exclude_nodes=cfg.exclude_nodes)
         for node, op, reason in analysis.barriers:
             report.skip(SimpleNamespace(name=node, op=op), reason)
         frozen = [g for g in analysis.groups if g.frozen is not None]
@@ -283,7 +284,7 @@ class PruneChannels(Pass):
         else:
             what = "macs" if cfg.macs_reduction is not None else "params"
             target = cfg.macs_reduction if what == "macs" else cfg.params_reduction
-            keep = self._global(graph, analysis, _merge(plans), what, float(target), report)
+            keep = self._global(graph, analysis, _merge(plans), what, float(target), report, shapes)
 
         if keep.all():
             report.warn("no channel removed: blocks too small for round_to/min_channels")
@@ -313,12 +314,16 @@ class PruneChannels(Pass):
         what: str,
         target: float,
         report: PassReport,
+        shapes: Any = None,
     ) -> np.ndarray:
-        """The keep mask of the shortest prefix of `order` that reaches `target`."""
+        """The keep mask of the shortest prefix of `order` that reaches `target`.
+
+        MACs are counted at `shapes` (the Context's input shapes, else the calibration
+        data's): with symbolic height and width every spatial size would count as 1."""
         from onnxslim_edge.analysis.cost import model_cost
 
         model = _export(graph)
-        cost = _CostModel(graph, analysis, model)
+        cost = _CostModel(graph, analysis, model, shapes)
 
         def keep_for(n: int) -> np.ndarray:
             keep = np.ones(analysis.num_classes, dtype=bool)
@@ -342,7 +347,7 @@ class PruneChannels(Pass):
         def measured(n: int) -> float:
             trial = graph.copy()
             remove_channels(trial, analysis, keep_for(n))
-            c = model_cost(_export(trial.cleanup()))
+            c = model_cost(_export(trial.cleanup()), input_shapes=shapes)
             return 1.0 - (c.macs if what == "macs" else c.params) / max(base, 1)
 
         achieved = measured(n) if n else 0.0
@@ -392,3 +397,21 @@ class PruneChannels(Pass):
                 frozen=g.frozen,
             )
         report.count("groups_pruned", pruned)
+
+
+def _shapes_from_data(ctx: Context, graph: gs.Graph) -> dict[str, tuple[int, ...]] | None:
+    """Input shapes of the first calibration batch, when the graph has symbolic dims."""
+    symbolic = any(
+        t.shape is None or any(not isinstance(d, int) or d < 0 for d in t.shape)
+        for t in graph.inputs
+    )
+    if not symbolic or ctx.data is None:
+        return None
+    try:
+        from onnxslim_edge.data import open_data
+
+        first = next(iter(open_data(ctx.data, limit=1)))
+    except Exception:  # unreadable data is reported by whoever reads it for real
+        return None
+    names = {t.name for t in graph.inputs}
+    return {k: tuple(int(d) for d in np.shape(v)) for k, v in first.items() if k in names}
