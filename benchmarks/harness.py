@@ -4,7 +4,8 @@ A *model spec* (`ModelSpec`) bundles a real model with its data: calibration fee
 held-out evaluation data, latency inputs at batch 1 and 8, and a task fidelity
 function (top-1 accuracy, exact match, map cosine ...). A *method* (`MethodSpec`)
 turns the fp32 model into another model: the fp32 baseline itself, onnxslim-edge's
-lossless and edge recipes, and the peers of `benchmarks.peers` (onnxslim, onnxsim,
+lossless and edge recipes, its pruning (`ours-prune*`) and int8 (`ours-int8-*`) pass
+lists, and the peers of `benchmarks.peers` (onnxslim, onnxsim,
 ONNX Runtime's `quantize_static` variants).
 
 `run_model(spec, settings)` measures, per method:
@@ -21,6 +22,9 @@ ONNX Runtime's `quantize_static` variants).
   comparison with the fp32 model (`onnxslim_edge.verify.compare`: cosine, SQNR, max
   abs error, top-1 agreement, KL) with an `equal` flag at rtol = atol = 1e-5
   (relative to each output's range).
+
+`calibration_memory` measures quantization time and peak memory at two calibration-set
+sizes (ours with minmax, ORT's MinMax), each in its own child.
 
 A method that fails (import error, a tool's exception, a crash, a model ONNX Runtime
 cannot run) is recorded with its status and error; the other methods go on.
@@ -58,11 +62,13 @@ __all__ = [
     "MethodSpec",
     "ModelSpec",
     "build_spec",
+    "calibration_memory",
     "environment",
     "load_feeds",
     "method_names",
     "optimize_edge",
     "optimize_lossless",
+    "optimize_passes",
     "prefer_installed_package",
     "run_in_child",
     "run_model",
@@ -138,6 +144,7 @@ class MethodSpec:
     `function` is "module:attr", called in a child process as
     `fn(model_path, out_path, calibration_feeds, **params)`; None for the baseline.
     `requires` names modules that must be importable (else the result is "unavailable").
+    `models` limits the method to those models (the others do not list it at all).
     """
 
     name: str
@@ -147,6 +154,7 @@ class MethodSpec:
     function: str | None
     params: Mapping[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
+    models: tuple[str, ...] | None = None  # the models it runs on; None: every model
 
 
 def _ort_variants() -> list[MethodSpec]:
@@ -171,6 +179,116 @@ def _ort_variants() -> list[MethodSpec]:
             )
         )
     return out
+
+
+#: The exact clean-up every pass list below starts with.
+_PREFIX: tuple[str, ...] = ("cleanup", "fold-batchnorm", "cleanup")
+
+#: The models channel pruning is measured on (issue 4).
+PRUNE_MODELS: tuple[str, ...] = ("efficientnet_lite0", "ppocr_det")
+
+#: Channel importance for the pruning rows. Compared once on EfficientNet-Lite0 at 30 %
+#: of MACs (no recovery): top-1 agreement with fp32 0.0 with `l1`, 0.45 with `activation`
+#: (mean |x| over the calibration data), so `activation`.
+PRUNE_IMPORTANCE = "activation"
+
+
+#: ONNX Runtime's NCHWc block size on this benchmark's AVX-512 CPU: convolutions whose
+#: channel counts are not multiples of it leave the blocked layout (reorders around them).
+NCHWC_BLOCK = 16
+
+
+def _prune_variants() -> list[MethodSpec]:
+    out = []
+    for round_to in (None, NCHWC_BLOCK):
+        for pct in (20, 30, 50):
+            option = "" if round_to is None else f",round_to={round_to}"
+            out.append(
+                MethodSpec(
+                    name=f"ours-prune{pct}" + ("" if round_to is None else f"-r{round_to}"),
+                    label=f"onnxslim-edge prune-channels, {pct} % of MACs "
+                    f"({PRUNE_IMPORTANCE}), onnxruntime-cpu, round_to "
+                    f"{1 if round_to is None else round_to}, no recovery",
+                    kind="prune",
+                    tool="onnxslim-edge",
+                    function="benchmarks.harness:optimize_passes",
+                    params={
+                        "passes": [
+                            *_PREFIX,
+                            f"prune-channels:macs_reduction={pct / 100:g},"
+                            f"importance={PRUNE_IMPORTANCE}{option}",
+                            "cleanup",
+                        ],
+                        "target": "onnxruntime-cpu",
+                        "macs_reduction": pct / 100,
+                    },
+                    models=PRUNE_MODELS,
+                )
+            )
+    return out
+
+
+def _int8_variants() -> list[MethodSpec]:
+    return [
+        MethodSpec(
+            name="ours-int8-ort",
+            label="onnxslim-edge quantize (percentile), target onnxruntime-cpu",
+            kind="quantize",
+            tool="onnxslim-edge",
+            function="benchmarks.harness:optimize_passes",
+            params={
+                "passes": [*_PREFIX, "quantize:method=percentile"],
+                "target": "onnxruntime-cpu",
+            },
+        ),
+        MethodSpec(
+            name="ours-int8-trt",
+            label="onnxslim-edge quantize (percentile), target tensorrt",
+            kind="quantize",
+            tool="onnxslim-edge",
+            function="benchmarks.harness:optimize_passes",
+            params={"passes": [*_PREFIX, "quantize:method=percentile"], "target": "tensorrt"},
+        ),
+        MethodSpec(
+            name="ours-int8-ort-fallback",
+            label="onnxslim-edge quantize (percentile), onnxruntime-cpu, automatic fallback to "
+            "top-1 agreement 0.95 on the calibration data",
+            kind="quantize",
+            tool="onnxslim-edge",
+            function="benchmarks.harness:optimize_passes",
+            params={
+                "passes": [*_PREFIX, *FALLBACK_EXTRA, FALLBACK_QUANTIZE],
+                "target": "onnxruntime-cpu",
+            },
+            models=("efficientnet_lite0",),
+        ),
+        MethodSpec(
+            name="ours-int8-ort-minmax",
+            label="onnxslim-edge quantize (minmax), target onnxruntime-cpu",
+            kind="quantize",
+            tool="onnxslim-edge",
+            function="benchmarks.harness:optimize_passes",
+            params={"passes": [*_PREFIX, "quantize:method=minmax"], "target": "onnxruntime-cpu"},
+        ),
+        MethodSpec(
+            name="ours-int8-ort-entropy",
+            label="onnxslim-edge quantize (entropy), target onnxruntime-cpu",
+            kind="quantize",
+            tool="onnxslim-edge",
+            function="benchmarks.harness:optimize_passes",
+            params={
+                "passes": [*_PREFIX, "quantize:method=entropy"],
+                "target": "onnxruntime-cpu",
+            },
+        ),
+    ]
+
+
+#: Passes the fallback method adds before its quantize. `equalize` was tried once on
+#: EfficientNet-Lite0 (percentile, onnxruntime-cpu): top-1 agreement 0.946 without it,
+#: 0.911 with it, so it is left out.
+FALLBACK_EXTRA: tuple[str, ...] = ()
+FALLBACK_QUANTIZE = "quantize:method=percentile,min_top1_agreement=0.95"
 
 
 #: Every method, in table order.
@@ -208,12 +326,15 @@ METHODS: tuple[MethodSpec, ...] = (
         function="benchmarks.peers:onnxsim_simplify",
         requires=("onnxsim",),
     ),
+    *_prune_variants(),
+    *_int8_variants(),
     *_ort_variants(),
 )
 
 
-def method_names() -> list[str]:
-    return [m.name for m in METHODS]
+def method_names(model: str | None = None) -> list[str]:
+    """Every method's name; with `model`, those that run on it."""
+    return [m.name for m in METHODS if model is None or m.models is None or model in m.models]
 
 
 def _recipe(name: str) -> Path:
@@ -223,12 +344,63 @@ def _recipe(name: str) -> Path:
 
 
 def _optimize(recipe: str, model_path: Path, out_path: Path, calibration: Sequence[Feed]) -> dict:
-    from onnxslim_edge.pipeline import Context, Pipeline
+    from onnxslim_edge.pipeline import Context, Pipeline, load_recipe
 
-    ctx = Context(data=list(calibration))
+    target = load_recipe(_recipe(recipe)).target
+    ctx = Context(data=list(calibration), target=target)
     result = Pipeline.from_recipe(_recipe(recipe)).run(model_path, ctx)
     result.save(out_path)
-    report = result.report
+    return _notes(result.report)
+
+
+def optimize_passes(
+    model_path: Path,
+    out_path: Path,
+    calibration: Sequence[Feed],
+    *,
+    passes: Sequence[str],
+    target: str,
+    macs_reduction: float | None = None,
+) -> dict:
+    """`Pipeline(passes, target=target)` on the calibration data (lossless passes checked).
+
+    `macs_reduction` is the pruning target, recorded in the notes for the report. With it
+    the Context gets the calibration feeds' shapes as `input_shapes` when they all agree:
+    prune-channels counts symbolic dims as 1 otherwise, so on a model with dynamic height
+    and width (PP-OCR detection) it would rank layers by MACs at a 1 x 1 image.
+    """
+    from onnxslim_edge.pipeline import Context, Pipeline
+
+    shapes = {k: tuple(np.shape(v)) for k, v in calibration[0].items()} if calibration else None
+    if macs_reduction is None or any(
+        {k: tuple(np.shape(v)) for k, v in f.items()} != shapes for f in calibration
+    ):
+        shapes = None
+    ctx = Context(data=list(calibration), target=target, input_shapes=shapes)
+    result = Pipeline(list(passes), target=target).run(model_path, ctx)
+    result.save(out_path)
+    notes = _notes(result.report)
+    notes["target"] = target
+    if macs_reduction is not None:
+        notes["macs_reduction_target"] = macs_reduction
+        notes["input_shapes"] = None if shapes is None else {k: list(v) for k, v in shapes.items()}
+    return notes
+
+
+def _small(value: Any, depth: int = 0) -> bool:
+    """A scalar, or a short list or dict of them (nested once): fit for the notes."""
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return True
+    if depth > 1:
+        return False
+    if isinstance(value, (list, tuple)):
+        return len(value) <= 64 and all(_small(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return len(value) <= 64 and all(_small(v, depth + 1) for v in value.values())
+    return False
+
+
+def _notes(report: Any) -> dict:
     return {
         "passes": [
             {
@@ -240,9 +412,19 @@ def _optimize(recipe: str, model_path: Path, out_path: Path, calibration: Sequen
                 "counters": dict(p.counters),
                 "skips": len(p.skips),
                 "equal": None if p.validation is None else bool(p.validation.get("passed")),
+                "warnings": list(p.warnings)[:8],
+                # scalar summaries only (what fallback kept in float, the MACs reached ...)
+                "summary": [
+                    kept
+                    for d in p.details
+                    if not any(k in d for k in ("layer", "tensor", "node", "group"))
+                    and (kept := {k: v for k, v in d.items() if _small(v)})
+                ][:8],
             }
             for p in report.passes
         ],
+        "cost_before": dict(report.cost_before),
+        "cost_after": dict(report.cost_after),
     }
 
 
@@ -878,7 +1060,8 @@ def run_model(spec: ModelSpec, settings: BenchmarkSettings, workdir: Path) -> di
     methods = [
         m
         for m in METHODS
-        if settings.methods is None or m.name in settings.methods or m.kind == "baseline"
+        if (settings.methods is None or m.name in settings.methods or m.kind == "baseline")
+        and (m.models is None or spec.name in m.models)
     ]
     workdir.mkdir(parents=True, exist_ok=True)
     feeds_path = workdir / "calibration.npz"
@@ -975,6 +1158,72 @@ def run_model(spec: ModelSpec, settings: BenchmarkSettings, workdir: Path) -> di
         "environment": environment(),
         "methods": results,
     }
+
+
+#: The models whose quantization memory is measured at two calibration-set sizes.
+CALIBRATION_MEMORY_MODELS: tuple[str, ...] = ("efficientnet_lite0",)
+
+#: (label, function, params) of each quantizer in the calibration-memory check.
+_CALIBRATION_MEMORY_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    (
+        "ours-minmax",
+        "benchmarks.harness:optimize_passes",
+        {"passes": [*_PREFIX, "quantize:method=minmax"], "target": "onnxruntime-cpu"},
+    ),
+    (
+        "ort-minmax-u8",
+        "benchmarks.peers:ort_quantize",
+        {"calibrate_method": "MinMax", "activation": "QUInt8"},
+    ),
+)
+
+
+def calibration_memory(
+    name: str,
+    settings: BenchmarkSettings,
+    workdir: Path,
+    *,
+    sizes: Sequence[int] = (32, 128),
+) -> dict[str, Any]:
+    """Quantization wall time and peak memory with calibration sets of each size in `sizes`.
+
+    The model spec is built once with the largest size; each smaller set is its first
+    samples. Each quantizer (ours with `minmax`, ORT's MinMax) runs in a fresh child per
+    size. `flat` compares the largest set's peak resident set with the smallest's (within
+    10 %); `growth_mb` is the difference, `call_growth_mb` the same for the memory the call
+    itself added (peak minus the resident set before the call, which holds the feeds).
+    """
+    spec = build_spec(name, dataclasses.replace(settings, calibration_samples=max(sizes)))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"sizes": list(sizes), "methods": {}}
+    for label, function, params in _CALIBRATION_MEMORY_METHODS:
+        runs: dict[str, Any] = {}
+        for n in sizes:
+            feeds_path = workdir / f"calibration-{n}.npz"
+            if not feeds_path.exists():
+                save_feeds(spec.calibration[:n], feeds_path)
+            child = run_in_child(
+                function,
+                (spec.path, workdir / f"{label}-{n}.onnx"),
+                params=params,
+                feeds_path=feeds_path,
+                timeout_s=settings.method_timeout_s,
+            )
+            runs[str(n)] = {k: child.get(k) for k in ("status", "error", "wall_s")} | {
+                "peak_rss_mb": child.get("peak_rss_mb"),
+                "rss_before_mb": child.get("rss_before_mb"),
+            }
+        small, large = runs[str(min(sizes))], runs[str(max(sizes))]
+        entry: dict[str, Any] = {"runs": runs}
+        if small["status"] == "ok" and large["status"] == "ok":
+            entry["growth_mb"] = large["peak_rss_mb"] - small["peak_rss_mb"]
+            entry["peak_ratio"] = large["peak_rss_mb"] / small["peak_rss_mb"]
+            entry["call_growth_mb"] = (large["peak_rss_mb"] - large["rss_before_mb"]) - (
+                small["peak_rss_mb"] - small["rss_before_mb"]
+            )
+            entry["flat"] = entry["peak_ratio"] <= 1.10
+        out["methods"][label] = entry
+    return out
 
 
 def _measure(

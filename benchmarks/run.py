@@ -116,6 +116,12 @@ def run(
             result = harness.run_model(spec, settings, workdir)
         finally:
             harness.cleanup_workdir(workdir)
+        if methods is None and name in harness.CALIBRATION_MEMORY_MODELS:
+            workdir = harness.default_workdir()
+            try:
+                result["calibration_memory"] = harness.calibration_memory(name, settings, workdir)
+            finally:
+                harness.cleanup_workdir(workdir)
         result["benchmark_wall_s"] = time.perf_counter() - t0
         path = out / f"{name}.json"
         tmp = path.with_name(path.name + ".tmp")
