@@ -99,7 +99,10 @@ class Target:
 TARGETS: Mapping[str, Target] = types.MappingProxyType(
     {
         "tensorrt": Target("tensorrt", 8, "TensorRT explicit quantization (Jetson, GPUs)"),
-        "onnxruntime-cpu": Target("onnxruntime-cpu", 1, "ONNX Runtime CPU kernels"),
+        # 16: ONNX Runtime's NCHWc block on AVX-512 (8 on AVX2). Pruned channel counts off
+        # the block made EfficientNet-Lite0 ~2x slower despite 20-50 % fewer MACs
+        # (benchmarks/RESULTS.md, issue 4); on the block, the MAC saving turns into time.
+        "onnxruntime-cpu": Target("onnxruntime-cpu", 16, "ONNX Runtime CPU kernels"),
     }
 )
 

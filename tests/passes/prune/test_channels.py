@@ -94,7 +94,7 @@ def test_torch_architectures_30_percent_macs(name, tmp_path_factory):
     results = {}
     for mode in ("remove", "zero"):
         result = Pipeline(
-            [PruneChannels(macs_reduction=0.3, mode=mode)], target="onnxruntime-cpu"
+            [PruneChannels(macs_reduction=0.3, mode=mode, round_to=1)], target="onnxruntime-cpu"
         ).run(model)  # validates: ONNX checker + an ONNX Runtime session
         onnx.checker.check_model(result.model, full_check=True)
         assert _io_shapes(result.model) == _io_shapes(model)
@@ -124,7 +124,7 @@ def test_channel_shuffle_freezes_its_group_and_says_why(tmp_path_factory):
     shuffled = frozen["/units/units.0/branch/branch.2/branch.2.0/Conv"]
     assert shuffled.startswith("Reshape '/units/units.0/Reshape'") and "channel shuffle" in shuffled
     assert frozen["/units/units.0/branch/branch.0/branch.0.0/Conv"] is None
-    result = Pipeline([PruneChannels(ratio=0.5)], target="onnxruntime-cpu").run(model)
+    result = Pipeline([PruneChannels(ratio=0.5, round_to=1)], target="onnxruntime-cpu").run(model)
     report = result.report.passes[0]
     assert any(s.op == "Reshape" and "channel shuffle" in s.reason for s in report.skips)
     details = {tuple(d["sources"]): d for d in report.details if "group" in d}
@@ -163,7 +163,7 @@ def _corpus_case(name: str) -> corpus.CorpusCase:
 def test_light_corpus_30_percent_macs(name):
     case = _corpus_case(name)
     feeds, _ = case.original_run()
-    spec = "prune-channels:macs_reduction=0.3"
+    spec = "prune-channels:macs_reduction=0.3,round_to=1"
     result = Pipeline(["cleanup", spec], target="onnxruntime-cpu", verify_lossless=False).run(
         case.load_model()
     )
@@ -334,12 +334,12 @@ def test_l1_removes_the_filters_with_the_smallest_norm():
 def test_activation_importance_uses_calibration_data():
     model = _residual_net(7)
     data = [_feeds(s) for s in range(3)]
-    result = Pipeline([PruneChannels(ratio=0.5, importance="activation")]).run(
+    result = Pipeline([PruneChannels(ratio=0.5, importance="activation", round_to=1)]).run(
         model, Context(data=data, target="onnxruntime-cpu")
     )
     assert result.report.passes[0].counters["channels_removed"] > 0
     with pytest.raises(ConfigError, match="needs calibration data"):
-        Pipeline([PruneChannels(ratio=0.5, importance="activation")]).run(model)
+        Pipeline([PruneChannels(ratio=0.5, importance="activation", round_to=1)]).run(model)
 
 
 def test_tensorrt_target_rounds_to_8_and_never_empties_a_layer():
@@ -433,7 +433,7 @@ def test_macs_target_is_met_at_the_data_shape_when_height_and_width_are_symbolic
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     data = [{"x": rng.standard_normal((1, 8, 32, 32)).astype(np.float32)}]
     ctx = Context(data=data, target="onnxruntime-cpu")
-    pruned = Pipeline(["prune-channels:macs_reduction=0.3"]).run(model, ctx).model
+    pruned = Pipeline(["prune-channels:macs_reduction=0.3,round_to=1"]).run(model, ctx).model
     shape = {"x": (1, 8, 32, 32)}
     before, after = (
         model_cost(model, input_shapes=shape).macs,
