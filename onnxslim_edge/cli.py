@@ -19,9 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,19 +70,6 @@ def _data(spec: str | None, model: Any, args: argparse.Namespace, *, batch_size:
         preprocess=preprocess,
         input_shapes=args.input_shape,
     )
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    if not path.parent.exists():
-        raise ConfigError(f"{path}: folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- commands
@@ -148,6 +133,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         )
     if not out.parent.exists():
         raise ConfigError(f"{out}: output folder does not exist")
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise ConfigError(f"{args.report}: report folder does not exist")
 
     # Parse everything the user typed before any work starts.
     passes, floors, target = [], {}, args.target
@@ -175,7 +162,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     result = pipeline.run(model, ctx)
     save_model(result.model, out, input_path=src, overwrite_input=args.overwrite, opset=args.opset)
     if args.report:
-        _write_text_atomic(Path(args.report), result.report.to_json())
+        from onnxslim_edge.model import write_text_atomic
+
+        write_text_atomic(args.report, result.report.to_json())
     if not args.quiet:
         print(result.report.to_table())
         for p in result.report.passes:

@@ -153,7 +153,7 @@ def run_demo(
     `tensorrt` the Q/DQ layout is TensorRT's, which ONNX Runtime's CPU kernels run slower.
     """
     from onnxslim_edge.analysis import model_cost
-    from onnxslim_edge.model import load_model, save_model
+    from onnxslim_edge.model import load_model, save_model, write_text_atomic
     from onnxslim_edge.pipeline import Context, Pipeline
     from onnxslim_edge.timing import measure_latency
 
@@ -208,9 +208,7 @@ def run_demo(
         "test_samples": len(images),
     }
     report_path = folder / "report.json"
-    tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, report_path)
+    write_text_atomic(report_path, json.dumps(report, indent=2))
     if echo:
         from onnxslim_edge.pipeline import _format_rows
 

@@ -40,6 +40,7 @@ __all__ = [
     "model_on_disk",
     "save_model",
     "tensor_bytes",
+    "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,23 @@ def save_model(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.debug("saved %s (external data: %s)", path, external_data)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (reports, caches) whole or not at all: temp file, then rename."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"{target}: folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -463,15 +462,9 @@ def save_cache(path: str | os.PathLike, cache: Mapping[str, Mapping[str, Any]]) 
     target = Path(path)
     entries = _validated(cache, str(target))
     text = json.dumps(entries, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from onnxslim_edge.model import write_text_atomic
+
+    write_text_atomic(target, text)
 
 
 def _reject_constant(token: str) -> Any:
