@@ -202,7 +202,7 @@ def _prune_variants() -> list[MethodSpec]:
     out = []
     for round_to in (None, NCHWC_BLOCK):
         for pct in (20, 30, 50):
-            option = "" if round_to is None else f",round_to={round_to}"
+            option = f",round_to={round_to or 1}"  # explicit: the target's default moves
             out.append(
                 MethodSpec(
                     name=f"ours-prune{pct}" + ("" if round_to is None else f"-r{round_to}"),
