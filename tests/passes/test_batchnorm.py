@@ -15,16 +15,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from fixtures.equivalence import assert_equivalent as _assert_equivalent
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_edge.errors import ConfigError
 from onnxslim_edge.passes.batchnorm import FoldBatchNorm
 from onnxslim_edge.pipeline import Context, Pipeline, get_pass, model_from_graph
-from onnxslim_edge.runtime import make_session
 
 OPSETS = (13, 17)
-RTOL = 1e-5
-ATOL_OF_MAX = 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
@@ -89,33 +87,6 @@ def _fold(model: onnx.ModelProto, **options: Any) -> tuple[onnx.ModelProto, Any]
 
 def _roundtrip(model: onnx.ModelProto) -> onnx.ModelProto:
     return model_from_graph(gs.import_onnx(model), model)
-
-
-def _feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-        feeds[inp.name] = rng.normal(size=shape).astype(dtype)
-    return feeds
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return make_session(model, threads=1, optimization="disable").run(None, feeds)
-
-
-def _assert_equivalent(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
-    onnx.checker.check_model(folded, full_check=True)
-    assert [o.name for o in folded.graph.output] == [o.name for o in original.graph.output]
-    feeds = _feeds(original)
-    for ref, got in zip(_run(original, feeds), _run(folded, feeds), strict=True):
-        assert got.shape == ref.shape
-        atol = ATOL_OF_MAX * float(np.max(np.abs(ref)))
-        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=atol)
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:

@@ -15,6 +15,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from fixtures.equivalence import ATOL_OF_MAX, RTOL
+from fixtures.equivalence import assert_equivalent as _assert_equivalent
+from fixtures.equivalence import run as _run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_edge.errors import ConfigError
@@ -24,8 +27,6 @@ from onnxslim_edge.pipeline import Context, Pipeline, get_pass, model_from_graph
 from onnxslim_edge.runtime import make_session
 
 OPSETS = (13, 17)
-RTOL = 1e-5
-ATOL_OF_MAX = 1e-5
 MiB = 2**20
 
 
@@ -72,31 +73,6 @@ def _clean(model: onnx.ModelProto, **options: Any) -> tuple[onnx.ModelProto, Any
     out = model_from_graph(graph, model)
     out.ir_version = max(out.ir_version, min_ir_version(out))
     return out, report
-
-
-def _feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for inp in model.graph.input:
-        if inp.name not in inits:
-            shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-            feeds[inp.name] = rng.normal(size=shape).astype(np.float32)
-    return feeds
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return make_session(model, threads=1, optimization="disable").run(None, feeds)
-
-
-def _assert_equivalent(original: onnx.ModelProto, cleaned: onnx.ModelProto) -> None:
-    onnx.checker.check_model(cleaned, full_check=True)
-    assert [o.name for o in cleaned.graph.output] == [o.name for o in original.graph.output]
-    feeds = _feeds(original)
-    for ref, got in zip(_run(original, feeds), _run(cleaned, feeds), strict=True):
-        assert got.shape == ref.shape
-        atol = ATOL_OF_MAX * float(np.max(np.abs(ref))) if ref.size else 0.0
-        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=atol)
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
