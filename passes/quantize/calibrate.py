@@ -2,27 +2,35 @@
 
 `TensorStats` keeps, per tensor, the exact running min/max and a fixed-size histogram
 of |x| (the absolute value: symmetric int8 only needs magnitudes, as in TensorRT's
-calibrators). The histogram spans [0, R) with R the smallest power of two strictly
-above the largest |x| seen so far. When a batch exceeds R, the range doubles as often
-as needed and each group of 2^k adjacent bins merges into one; because every range is
-a power of two, the bins of a wider range are unions of bins of a narrower one. So
-the histogram of a data set does not depend on how it was split into batches or in
-which order the parts were merged (bit-exact when the bin count is a power of two),
-and its memory is one array of `bins` counts however many batches arrive.
+calibrators), plus the same histogram of the negative values alone (|x| of x < 0), so
+each sign's magnitudes are known. The histograms span [0, R) with R the smallest power
+of two strictly above the largest |x| seen so far. When a batch exceeds R, the range
+doubles as often as needed and each group of 2^k adjacent bins merges into one;
+because every range is a power of two, the bins of a wider range are unions of bins of
+a narrower one (no mass is smeared across bin edges). So the histogram of a data set
+does not depend on how it was split into batches or in which order the parts were
+merged (bit-exact when the bin count is a power of two), and its memory is two arrays
+of `bins` counts however many batches arrive.
 
 Threshold methods turn the statistics into the symmetric `amax` (the int8 scale is
 amax / 127, TensorRT's [-127, 127]):
 
 - `minmax`: the largest |x| seen (exact, not rounded to bins).
 - `percentile`: the p-th percentile of |x|, interpolated linearly within its bin.
-- `entropy`: TensorRT's KL-divergence search. For each candidate i in [128, bins]:
-  P = hist[:i] with the outliers (hist[i:]) added to its last bin; Q = hist[:i]
-  (without the outliers) summed into 128 levels of i // 128 bins (the last level
-  takes the remainder) and spread evenly back over the bins where P is non-zero;
-  zeros of Q are smoothed as MXNet/ONNX Runtime do (eps = 1e-4 counts to each zero
-  bin, taken evenly from the non-zero bins, so Q keeps its sum). P needs no smoothing:
-  its zero bins contribute nothing to KL(P || Q). The threshold is i bin widths for
-  the i with the smallest KL. All candidates are scored at once from prefix sums, in
+- `entropy`: TensorRT's KL-divergence search, run on each sign's histogram of
+  magnitudes separately (amax is the larger of the two thresholds, each capped at that
+  sign's largest magnitude m). The first bin is levelled with its neighbour (the exact
+  zeros of a ReLU). For each candidate i from 128 to the bin holding m (TensorRT's
+  histograms end at the largest value): P = hist[:i] with the outliers (hist[i:])
+  added to its last bin; Q = hist[:i] (without the outliers)
+  quantized into 128 levels spread evenly over the i bins (level l covers the bins j
+  with floor(j * 128 / i) == l, as TensorRT's linspace mapping) and spread evenly back
+  over the bins where P is non-zero; zeros of Q are smoothed as MXNet/ONNX Runtime do
+  (eps = 1e-4 counts to each zero bin, taken evenly from the non-zero bins, so Q keeps
+  its sum). P and Q are both divided by the whole count, so the clipped values are
+  missing from Q instead of being renormalized away: the divergence is TensorRT's
+  KL(P || Q) plus -log(kept fraction) >= 0. The threshold is i bin widths for the i with
+  the smallest divergence. All candidates are scored at once from prefix sums, in
   O(candidates x 128), not by building P and Q for each.
 - `mse`: the threshold t = i bin widths minimizing the expected squared error
   of quantizing the histogram: values below t get rounding noise step^2 / 12 with
@@ -94,21 +102,23 @@ _TIE_ATOL = 1e-10
 
 
 class TensorStats:
-    """Running min, max, count and a mergeable histogram of |x| for one tensor.
+    """Running min, max, count and mergeable histograms of |x| for one tensor.
 
     `hist[k]` counts the finite values with k * bin_width <= |x| < (k + 1) * bin_width,
     where bin_width = hist_max / bins and hist_max is a power of two (None while every
-    value seen is 0; such zeros are counted in bin 0). Non-finite values are counted in
-    `nonfinite` and left out of everything else.
+    value seen is 0; such zeros are counted in bin 0). `neg[k]` counts the negative
+    values among them, so `hist - neg` is the histogram of the values >= 0. Non-finite
+    values are counted in `nonfinite` and left out of everything else.
     """
 
-    __slots__ = ("_exp", "bins", "count", "hist", "max", "min", "nonfinite")
+    __slots__ = ("_exp", "bins", "count", "hist", "max", "min", "neg", "nonfinite")
 
     def __init__(self, bins: int = DEFAULT_BINS) -> None:
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ConfigError(f"histogram bins: expected an integer >= 1, got {bins!r}")
         self.bins = bins
         self.hist = np.zeros(bins, dtype=np.int64)
+        self.neg = np.zeros(bins, dtype=np.int64)
         self.min = math.inf
         self.max = -math.inf
         self.count = 0
@@ -145,6 +155,7 @@ class TensorStats:
         """An independent copy."""
         other = TensorStats(self.bins)
         other.hist = self.hist.copy()
+        other.neg = self.neg.copy()
         other.min, other.max, other.count = self.min, self.max, self.count
         other.nonfinite, other._exp = self.nonfinite, self._exp
         return other
@@ -175,18 +186,23 @@ class TensorStats:
         if self._exp is None:  # all zeros so far
             self.hist[0] += a.size
             return
+        negative = a[a < 0]
+        if negative.size:
+            self.neg += _bin_counts(-negative, self._exp, self.bins)
         self.hist += _bin_counts(np.abs(a), self._exp, self.bins)
 
     def merge(self, other: TensorStats) -> None:
         """Add another TensorStats (same bin count) into this one."""
         if other.bins != self.bins:
             raise ConfigError(f"cannot merge histograms of {other.bins} and {self.bins} bins")
-        hist = other.hist
+        hist, neg = other.hist, other.neg
         if other._exp is not None:
             if self._exp is None or other._exp > self._exp:
                 self._widen(other._exp)
             hist = _rebinned(hist, self._exp - other._exp)  # type: ignore[operator]
+            neg = _rebinned(neg, self._exp - other._exp)  # type: ignore[operator]
         self.hist += hist
+        self.neg += neg
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         self.count += other.count
         self.nonfinite += other.nonfinite
@@ -195,6 +211,7 @@ class TensorStats:
         """Grow the range to 2**exp (a power-of-two multiple of the current one)."""
         if self._exp is not None:
             self.hist = _rebinned(self.hist, exp - self._exp)
+            self.neg = _rebinned(self.neg, exp - self._exp)
         self._exp = exp
 
 
@@ -252,7 +269,8 @@ def entropy_divergences(
     """KL(P || Q) of every candidate bin count i in [num_levels, len(hist)].
 
     Returns `(candidates, kl)`; `kl` is inf where Q cannot be formed (no counts below i).
-    See the module docstring for P, Q and the smoothing.
+    P and Q are in units of the whole count (Q sums to the kept fraction); see the
+    module docstring for P, Q and the smoothing.
     """
     h = np.asarray(hist, dtype=np.float64)
     n = h.size
@@ -271,10 +289,9 @@ def entropy_divergences(
     last = h[cand - 1] + outliers  # P[i - 1]
     p_logp = clog[cand - 1] + _xlogx(last)  # sum P log P
 
-    width = cand // num_levels  # bins per level
-    starts = np.arange(num_levels)[None, :] * width[:, None]
-    stops = starts + width[:, None]
-    stops[:, -1] = cand
+    # level l of candidate i covers bins [ceil(l * i / L), ceil((l + 1) * i / L))
+    bounds = -((-np.arange(num_levels + 1)[None, :] * cand[:, None]) // num_levels)
+    starts, stops = bounds[:, :-1], bounds[:, 1:]
     level_sum = csum[stops] - csum[starts]  # Q's counts per level (no outliers)
     level_nz = (cnz[stops] - cnz[starts]).astype(np.float64)  # P's non-zero bins per level
     level_nz[:, -1] += (last > 0).astype(np.float64) - (h[cand - 1] > 0)
@@ -290,7 +307,7 @@ def entropy_divergences(
         used = p_sum > 0
         bad = (used & (q_level <= 0)).any(axis=1) | (q_nonzero == 0)
         cross = np.where(used, p_sum * np.log(np.where(used & (q_level > 0), q_level, 1.0)), 0.0)
-        kl = (p_logp - cross.sum(axis=1)) / total - math.log(total) + np.log(kept)
+        kl = (p_logp - cross.sum(axis=1)) / total
     kl = np.where(bad, np.inf, kl)
     return cand, kl
 
@@ -345,18 +362,36 @@ def amax_percentile(stats: TensorStats, p: float = 99.99) -> float:
     return float(min((k + min(max(frac, 0.0), 1.0)) * stats.bin_width, stats.absmax))
 
 
-def amax_entropy(stats: TensorStats, *, num_levels: int = 128) -> float:
-    """TensorRT's KL-divergence threshold (see the module docstring)."""
-    if stats.bin_width == 0:
+def _entropy_side(hist: np.ndarray, top: float, width: float, num_levels: int) -> float:
+    """The KL threshold of one sign's magnitude histogram, capped at its largest value."""
+    if top <= 0 or not hist.any():
         return 0.0
     # The exact zeros of a ReLU output pile up in the first bin; left in, that spike
     # dominates P and the KL search clips half the positive range (ReLU(N(0,1)): amax
-    # 1.5 instead of ~4). Level it with its neighbour.
-    hist = stats.hist.copy()
+    # 1.5 instead of ~4). Level it with its neighbour, as TensorRT's tools do.
+    # Candidates end at the bin holding `top` (TensorRT's histograms end at the largest
+    # value): the power-of-two range leaves up to half the bins empty above it.
+    used = min(len(hist), max(num_levels, math.ceil(top / width)))
+    hist = hist[:used].copy()
     if len(hist) > 1:
         hist[0] = min(hist[0], hist[1])
-    i = entropy_bin(hist, num_levels=num_levels)
-    return float(min(i * stats.bin_width, stats.absmax))
+    return float(min(entropy_bin(hist, num_levels=num_levels) * width, top))
+
+
+def amax_entropy(stats: TensorStats, *, num_levels: int = 128) -> float:
+    """TensorRT's KL-divergence threshold, the larger of the two signs' (module docstring).
+
+    Searching each sign alone keeps a one-sided bulk (the negative half of a HardSwish,
+    a bias pile-up near the minimum) from outweighing the other sign's tail, which the
+    asymmetric uint8 grid of the onnxruntime-cpu layout and the symmetric int8 grid
+    both have to cover.
+    """
+    if stats.bin_width == 0:
+        return 0.0
+    width = stats.bin_width
+    positive = _entropy_side(stats.hist - stats.neg, max(stats.max, 0.0), width, num_levels)
+    negative = _entropy_side(stats.neg, max(-stats.min, 0.0), width, num_levels)
+    return max(positive, negative)
 
 
 def amax_mse(stats: TensorStats, *, levels: int = 127) -> float:
