@@ -263,6 +263,17 @@ def _int8_variants() -> list[MethodSpec]:
             models=("efficientnet_lite0",),
         ),
         MethodSpec(
+            name="ours-int8-ort-bc",
+            label="onnxslim-edge quantize (percentile) then bias-correct, target onnxruntime-cpu",
+            kind="quantize",
+            tool="onnxslim-edge",
+            function="benchmarks.harness:optimize_passes",
+            params={
+                "passes": [*_PREFIX, "quantize:method=percentile", "bias-correct"],
+                "target": "onnxruntime-cpu",
+            },
+        ),
+        MethodSpec(
             name="ours-int8-ort-minmax",
             label="onnxslim-edge quantize (minmax), target onnxruntime-cpu",
             kind="quantize",

@@ -599,7 +599,8 @@ class DataSource:
 
     Iterating yields batches of `batch_size` samples (the last may be smaller; for a
     model whose inputs fix axis 0 to k, batches are k samples and an incomplete last
-    batch is dropped). Iterating twice yields the same samples, except for a one-shot
+    batch is dropped). Samples of another shape (text lines of other widths) start a new
+    batch, so a batch may also end early there. Iterating twice yields the same samples, except for a one-shot
     iterator given as the spec, which refuses a second pass.
     """
 
@@ -676,6 +677,16 @@ class DataSource:
                     f"{origin}: gives arrays {', '.join(chunk)} but earlier samples gave "
                     f"{', '.join(parts[0])}"
                 )
+            if parts and _shapes(chunk) != _shapes(parts[0]):
+                # samples of another shape (lines of other widths) start a new batch
+                if self._fixed:
+                    raise DataError(
+                        f"{origin}: its samples differ in shape from earlier ones, so they "
+                        f"cannot share a batch of {self._fixed}, which the model fixes"
+                    )
+                yield pending, self._join(parts)
+                emitted += pending
+                parts, pending = [], 0
             start = 0
             while start < n:
                 room = batch - pending
@@ -767,6 +778,11 @@ class DataSource:
                 arr = arr.reshape(())
             out[name] = arr
         return out
+
+
+def _shapes(feed: Feed) -> dict[str, tuple[int, ...]]:
+    """Each array's shape after the sample axis: what must agree within a batch."""
+    return {k: tuple(v.shape[1:]) for k, v in feed.items()}
 
 
 def _feedable_or_optional(model: onnx.ModelProto) -> list[_InputSpec]:

@@ -132,6 +132,20 @@ def test_iterables_and_callables(tmp_path):
     assert [len(b["x"]) for b in single] == [5, 1]
 
 
+def test_samples_of_another_shape_start_a_new_batch():
+    lines = _model({"x": (TensorProto.FLOAT, ("N", 3, 48, "W"))})
+    widths = [96, 96, 320, 320, 320, 96]
+    feeds = [{"x": np.full((1, 3, 48, w), i, np.float32)} for i, w in enumerate(widths)]
+    batches = list(open_data(feeds, lines, batch_size=2))
+    assert [b["x"].shape[::3] for b in batches] == [(2, 96), (2, 320), (1, 320), (1, 96)]
+    order = [float(v) for b in batches for v in b["x"][:, 0, 0, 0]]
+    assert order == [0, 1, 2, 3, 4, 5]
+
+    fixed = _model({"x": (TensorProto.FLOAT, (2, 3, 48, "W"))})
+    with pytest.raises(DataError, match=r"differ in shape .* batch of 2, which the model fixes"):
+        list(open_data(feeds[1:], fixed))
+
+
 def test_fixed_batch_dimension_sets_batches_and_drops_incomplete(tmp_path, caplog):
     model = _model({"x": (TensorProto.FLOAT, (2, 3))})
     x = np.arange(15, dtype=np.float32).reshape(5, 3)

@@ -25,6 +25,11 @@ Placement depends on the target (`ctx.target`):
   too (`ORT_EXTRA_OPS`), and (with `activation_dtype="auto"`) uint8 activations with a
   zero point covering [min, max] — measured fastest (see docs/quantization.md).
 
+With `consumer_ranges` (default) a tensor whose readers are all flat past some bound
+(Relu, Clip, HardSigmoid, HardSwish and its Add/Clip/Mul export, constant Adds before
+them) gets its calibrated range narrowed to the part they can tell apart
+(`useful_range`).
+
 Lossy: its error measure is the output fidelity against the float model (SQNR,
 cosine, top-1 agreement). With a floor set (`min_sqnr_db`, `min_cosine`,
 `min_top1_agreement`) the pass measures the fully quantized model on the calibration
@@ -56,6 +61,7 @@ __all__ = [
     "QuantizeConfig",
     "dequantize",
     "quantize_weight",
+    "useful_range",
     "weight_axis",
 ]
 
@@ -117,6 +123,7 @@ class QuantizeConfig:
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
     fallback_max_layers: int = 8
+    consumer_ranges: bool = True  # clamp ranges to what the consumers can tell apart
 
     def __post_init__(self) -> None:
         from onnxslim_edge.passes.quantize.calibrate import METHODS
@@ -125,7 +132,7 @@ class QuantizeConfig:
             raise ConfigError(f"quantize.method: {self.method!r} is not one of {METHODS}")
         if not _is_float(self.percentile) or not 0 < self.percentile <= 100:
             raise ConfigError(f"quantize.percentile: expected 0 < p <= 100, got {self.percentile}")
-        for key in ("per_channel", "keep_first", "keep_last"):
+        for key in ("per_channel", "keep_first", "keep_last", "consumer_ranges"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"quantize.{key} must be true or false")
         if self.activation_dtype not in ("auto", "int8", "uint8"):
@@ -390,6 +397,115 @@ def _folded_output(graph: gs.Graph, tensor: Any) -> Any:
     return tensor
 
 
+#: Deepest chain of `Add(x, constant)` nodes looked through by `useful_range`.
+_RANGE_DEPTH = 4
+
+
+def _scalar(tensor: Any) -> float | None:
+    value = const_value(tensor) if tensor is not None and not tensor.is_empty() else None
+    if value is None or np.size(value) != 1 or value.dtype.kind != "f":
+        return None
+    out = float(np.asarray(value).reshape(-1)[0])
+    return out if math.isfinite(out) else None
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """[lo, hi] of a Relu/Clip with constant bounds (None: not one)."""
+    if node.op == "Relu":
+        return 0.0, math.inf
+    if node.op != "Clip":
+        return None
+    if "min" in node.attrs or "max" in node.attrs:  # opset < 11
+        return float(node.attrs.get("min", -math.inf)), float(node.attrs.get("max", math.inf))
+    bounds = []
+    for slot, default in ((1, -math.inf), (2, math.inf)):
+        if len(node.inputs) <= slot or node.inputs[slot].is_empty():
+            bounds.append(default)
+            continue
+        value = _scalar(node.inputs[slot])
+        if value is None:
+            return None
+        bounds.append(value)
+    return bounds[0], bounds[1]
+
+
+def _hardswish_gate(mul: gs.Node, x: Any) -> float | None:
+    """k when `mul` is x * g with g = Clip(x + k, 0, hi) (optionally scaled by a constant
+    Mul/Div): the decomposed HardSwish, exactly 0 wherever x <= -k."""
+    others = [t for t in mul.inputs if t is not x]
+    if len(others) != 1 or len(mul.inputs) != 2 or not others[0].inputs:
+        return None
+    gate = others[0].inputs[0]
+    if gate.op in ("Mul", "Div") and len(gate.inputs) == 2 and _scalar(gate.inputs[1]):
+        if not gate.inputs[0].inputs:
+            return None
+        gate = gate.inputs[0].inputs[0]
+    bounds = _clip_bounds(gate)
+    if bounds is None or bounds[0] != 0.0 or not gate.inputs[0].inputs:
+        return None
+    add = gate.inputs[0].inputs[0]
+    if add.op != "Add" or len(add.inputs) != 2 or x not in add.inputs:
+        return None
+    return _scalar(next(t for t in add.inputs if t is not x))
+
+
+def _consumer_range(
+    node: gs.Node, x: Any, depth: int, outputs: frozenset[str]
+) -> tuple[float, float] | None:
+    """The interval of `x` outside which `node`'s output no longer changes with it."""
+    bounds = _clip_bounds(node)
+    if bounds is not None:
+        return bounds if node.inputs[0] is x else None
+    if node.op == "HardSigmoid":
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        if alpha <= 0:
+            return None
+        return -beta / alpha, (1.0 - beta) / alpha
+    if node.op == "HardSwish":
+        return -3.0, math.inf
+    if node.op == "Mul":
+        k = _hardswish_gate(node, x)
+        return None if k is None else (-k, math.inf)
+    if node.op == "Add" and len(node.inputs) == 2 and depth < _RANGE_DEPTH:
+        k = _scalar(next((t for t in node.inputs if t is not x), None))
+        if k is None or sum(t is x for t in node.inputs) != 1:
+            return None
+        out = node.outputs[0]
+        if out.name in outputs:
+            return None
+        inner = useful_range(out, outputs=outputs, depth=depth + 1)
+        return None if inner is None else (inner[0] - k, inner[1] - k)
+    return None
+
+
+def useful_range(
+    tensor: Any,
+    consumers: Iterable[gs.Node] | None = None,
+    *,
+    outputs: frozenset[str] = frozenset(),
+    depth: int = 0,
+) -> tuple[float, float] | None:
+    """The interval [lo, hi] of `tensor` that its `consumers` (default: all of them) can
+    tell apart: below lo and above hi each consumer's output is constant, so clamping
+    what the consumers read to [lo, hi] changes nothing downstream. None when some
+    consumer is not flat anywhere (or is not understood). `outputs`: names of the graph
+    outputs (a constant-Add chain is not followed into one).
+
+    Understood consumers: Relu and Clip (their bounds), HardSigmoid (where it reaches 0
+    and 1), HardSwish and its decomposition x * Clip(x + k, 0, hi) [/ c] (0 below -k),
+    and Add of a constant whose output has a useful range itself (shifted back)."""
+    nodes = list(tensor.outputs) if consumers is None else list(consumers)
+    if not nodes:
+        return None
+    lo, hi = math.inf, -math.inf
+    for node in nodes:
+        found = _consumer_range(node, tensor, depth, outputs)
+        if found is None:
+            return None
+        lo, hi = min(lo, found[0]), max(hi, found[1])
+    return (lo, hi) if lo < hi else None
+
+
 def make_placement(
     analysis: Analysis,
     included: Iterable[str],
@@ -631,6 +747,8 @@ class Quantizer:
         self.stats: dict[str, Any] = {}
         self.cache: dict[str, dict[str, Any]] = {}
         self.overrides = dict(parse_override(t) for t in config.overrides)
+        self._tensors = self.analysis.graph.tensors()
+        self._outputs = frozenset(t.name for t in self.analysis.graph.outputs)
 
     # -- which layers
 
@@ -711,6 +829,8 @@ class Quantizer:
                 amax, method = self.overrides[name], "override"
             lo = -amax if lo is None else lo
             hi = amax if hi is None else hi
+            if cfg.consumer_ranges and name not in self.overrides:
+                amax, lo, hi, method = self._clamp(placement, name, amax, lo, hi, method)
             ranges[name] = (amax, lo, hi, method)
         for group in placement.groups:
             amax = max(ranges[n][0] for n in group)
@@ -725,6 +845,25 @@ class Quantizer:
             else:
                 out[name] = _asymmetric(lo, hi, amax, method)
         return out
+
+    def _clamp(
+        self, placement: Placement, name: str, amax: float, lo: float, hi: float, method: str
+    ) -> tuple[float, float, float, str]:
+        """Narrow a calibrated range to the part the rewired consumers can tell apart."""
+        tensor = self._tensors[name]
+        wanted = placement.acts.get(name)
+        if wanted is None:
+            consumers = [n for n in tensor.outputs if n.name not in placement.skip_rewire]
+        else:
+            consumers = [n for n in tensor.outputs if any(n.name == c for c, _ in wanted)]
+        useful = useful_range(tensor, consumers, outputs=self._outputs)
+        if useful is None:
+            return amax, lo, hi, method
+        new_lo, new_hi = max(lo, useful[0]), min(hi, useful[1])
+        new_amax = min(amax, max(-new_lo, new_hi, 0.0))
+        if (new_lo, new_hi, new_amax) == (lo, hi, amax) or new_lo > new_hi:
+            return amax, lo, hi, method
+        return new_amax, new_lo, new_hi, f"{method}+consumers[{useful[0]:g},{useful[1]:g}]"
 
     def save_cache(self) -> None:
         from onnxslim_edge.passes.quantize.calibrate import save_cache

@@ -8,7 +8,10 @@ and for 2-D logits top-1 agreement and KL(softmax(float) || softmax(quantized)).
 result is ranked most sensitive first.
 
 `Evaluator` keeps the float model's outputs on (at most `EVAL_SAMPLES` of) the data and
-scores candidates against them; `Quantize` uses it for its fallback.
+scores candidates against them, batch by batch: cosine and SQNR from sums over all
+elements of all batches, top-1 agreement and KL over all rows, so batches may differ in
+shape (recognition lines of different widths, detection crops of different sizes).
+`Quantize` uses it for its fallback.
 """
 
 from __future__ import annotations

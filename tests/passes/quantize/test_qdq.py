@@ -571,3 +571,110 @@ def test_rest_of_the_corpus_quantizes_or_skips_cleanly(case):
         assert not _nodes(result.model, "QuantizeLinear")
     out = make_session(result.model).run(None, feeds)
     assert len(out) == len(case.load_model().graph.output)
+
+
+# --------------------------------------------------------------------------- consumer ranges
+
+
+def _conv_then(kind):
+    """x -> Conv(1x1, 2 channels) -> y, then `kind` reads y: decomposed HardSwish (y *
+    Clip(y + 3, 0, 6) / 6), HardSigmoid(alpha 0.2, beta 0.5) or a plain Mul by x."""
+    w = numpy_helper.from_array(np.array([[[[4.0]]], [[[-3.0]]]], np.float32), "w")
+    k3, k0, k6 = (
+        numpy_helper.from_array(np.array(v, np.float32), n)
+        for v, n in ((3.0, "k3"), (0.0, "k0"), (6.0, "k6"))
+    )
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    inits = [w, k3, k0, k6]
+    if kind == "hardswish":
+        nodes += [
+            helper.make_node("Add", ["y", "k3"], ["a"], name="add"),
+            helper.make_node("Clip", ["a", "k0", "k6"], ["c"], name="clip"),
+            helper.make_node("Mul", ["y", "c"], ["m"], name="mul"),
+            helper.make_node("Div", ["m", "k6"], ["z"], name="div"),
+        ]
+    elif kind == "hardsigmoid":
+        nodes += [helper.make_node("HardSigmoid", ["y"], ["z"], name="hs", alpha=0.2, beta=0.5)]
+    else:
+        nodes += [helper.make_node("Mul", ["y", "y"], ["z"], name="sq")]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("z", F, None)],
+        inits,
+    )
+    rng = np.random.default_rng(3)
+    data = [{"x": (rng.standard_normal((4, 1, 4, 4)) * 2.5).astype(np.float32)} for _ in range(4)]
+    return model, data
+
+
+def _qparams_of(model, tensor):
+    inits = _inits(model)
+    node = next(n for n in _nodes(model, "QuantizeLinear") if n.input[0] == tensor)
+    return float(inits[node.input[1]]), int(inits[node.input[2]])
+
+
+def test_useful_range_rules():
+    import onnx_graphsurgeon as gs
+
+    from onnxslim_edge.passes.quantize.qdq import useful_range
+
+    for kind, expected in (("hardswish", (-3.0, np.inf)), ("hardsigmoid", (-2.5, 2.5))):
+        model, _ = _conv_then(kind)
+        y = gs.import_onnx(model).tensors()["y"]
+        lo, hi = useful_range(y)
+        assert lo == pytest.approx(expected[0]) and hi == pytest.approx(expected[1])
+    model, _ = _conv_then("square")
+    assert useful_range(gs.import_onnx(model).tensors()["y"]) is None
+    graph = gs.import_onnx(_conv_then("hardswish")[0])
+    y = graph.tensors()["y"]
+    # the Add chain is not followed into a graph output, and only listed consumers count
+    assert useful_range(y, outputs=frozenset({"a"})) is None
+    add = next(n for n in graph.nodes if n.name == "add")
+    assert useful_range(y, [add]) == (-3.0, 3.0)
+
+
+@pytest.mark.parametrize("kind", ["hardswish", "hardsigmoid"])
+def test_consumer_ranges_narrow_the_scale_exactly(kind):
+    model, data = _conv_then(kind)
+    x = np.concatenate([f["x"] for f in data])
+    y = _run(helper_model_y(model), {"x": x})[0]
+    q, _ = _quantize(model, data, target="onnxruntime-cpu", method="minmax")
+    wide, _ = _quantize(
+        model, data, target="onnxruntime-cpu", method="minmax", consumer_ranges=False
+    )
+    lo, hi = (-3.0, float(y.max())) if kind == "hardswish" else (-2.5, 2.5)
+    scale, zp = _qparams_of(q, "y")
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert zp == round(-lo / scale)
+    wide_scale, _ = _qparams_of(wide, "y")
+    assert wide_scale == pytest.approx((y.max() - y.min()) / 255, rel=1e-6)
+    assert wide_scale > 1.5 * scale
+    # clamping only where the consumers are flat: a better model, not a different one
+    ref = _run(model, {"x": x})[0]
+    err = float(np.abs(_run(q, {"x": x})[0] - ref).max())
+    err_wide = float(np.abs(_run(wide, {"x": x})[0] - ref).max())
+    assert err < err_wide
+    report = _quantize(model, data, target="onnxruntime-cpu", method="minmax")[1]
+    methods = {d["node"]: d["inputs"] for d in report.details if d.get("node") == "conv"}
+    assert methods["conv"]["x"]["method"] == "minmax"  # x feeds the Conv: not clamped
+
+
+def test_consumer_ranges_leave_other_tensors_alone():
+    model, data = _conv_then("square")
+    q, _ = _quantize(model, data, target="onnxruntime-cpu", method="minmax")
+    ref, _ = _quantize(
+        model, data, target="onnxruntime-cpu", method="minmax", consumer_ranges=False
+    )
+    assert _qparams_of(q, "y") == _qparams_of(ref, "y")
+    with pytest.raises(ConfigError, match="consumer_ranges must be true or false"):
+        QuantizeConfig(consumer_ranges="yes")
+
+
+def helper_model_y(model):
+    """`model` with its Conv output `y` as the only graph output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.append(helper.make_tensor_value_info("y", F, None))
+    return out

@@ -100,3 +100,70 @@ def test_digits_fallback_on_top1_floor():
     assert summary["fidelity"]["top1_agreement"] == 1.0
     assert summary["fidelity"]["sqnr_db"] >= 25.0
     assert np.isfinite(Evaluator(model, data).score(q).sqnr_db)
+
+
+def _dynamic_conv():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    data = [
+        {"x": rng.standard_normal((1, 3, 8, 8 + 4 * (i % 3))).astype(np.float32)} for i in range(7)
+    ]
+    return model, data
+
+
+def test_floor_with_batches_of_different_shapes():
+    model, data = _dynamic_conv()
+    q, report = _run(model, data, method="minmax", min_cosine=0.99)
+    summary = next(d for d in report.details if "fidelity" in d)
+    # the fidelity is the one over every element of every sample, whatever their shapes
+    ref = [make_session_run(model, f) for f in data]
+    got = [make_session_run(q, f) for f in data]
+    r = np.concatenate([a.ravel() for a in ref]).astype(np.float64)
+    c = np.concatenate([a.ravel() for a in got]).astype(np.float64)
+    assert summary["fidelity"]["cosine"] == pytest.approx(r @ c / np.sqrt((r @ r) * (c @ c)))
+    sqnr = 10 * math.log10((r @ r) / ((r - c) @ (r - c)))
+    assert summary["fidelity"]["sqnr_db"] == pytest.approx(sqnr, rel=1e-9)
+    ranking = layer_sensitivity(model, data, quantize_config=QuantizeConfig(method="minmax"))
+    assert [x.node for x in ranking] == ["conv"] and ranking[0].sqnr_db == pytest.approx(sqnr)
+
+
+def make_session_run(model, feed):
+    from onnxslim_edge.runtime import make_session
+
+    return make_session(model).run(None, feed)[0]
+
+
+def test_evaluator_top1_over_rows_of_batches_of_different_sizes():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    flip = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])], "g", graph.input, graph.output
+    )
+    negated = helper.make_model(flip, opset_imports=[helper.make_opsetid("", 13)])
+    negated.ir_version = 7
+    feeds = [
+        {"x": np.array([[0, 1, 2]], np.float32)},
+        {"x": np.array([[2, 1, 0], [1, 0, 2], [0, 2, 1]], np.float32)},
+    ]
+    assert Evaluator(model, feeds).score(model).top1_agreement == 1.0
+    fid = Evaluator(model, feeds).score(negated)
+    assert fid.top1_agreement == 0.0 and fid.cosine == pytest.approx(-1.0)
