@@ -823,6 +823,10 @@ class Quantizer:
             if entry is not None:
                 amax, method = float(entry["amax"]), str(entry["method"])
                 lo, hi = entry.get("min"), entry.get("max")
+                if self.act_dtype != "int8" and None not in (entry.get("lo"), entry.get("hi")):
+                    # uint8 with a zero point: each sign's own threshold, not |x|'s
+                    lo, hi = entry["lo"], entry["hi"]
+                    amax = max(-lo, hi)
             else:
                 amax, method = 0.0, "none"
             if name in self.overrides:

@@ -22,6 +22,7 @@ from onnxslim_edge.passes.quantize.calibrate import (
     amax_percentile,
     cache_entry,
     compute_amax,
+    compute_range,
     entropy_bin,
     entropy_divergences,
     load_cache,
@@ -392,7 +393,14 @@ def test_cache_round_trip_and_hand_edit(tmp_path) -> None:
     path = tmp_path / "calib.json"
     save_cache(path, cache)
     assert load_cache(path) == cache
-    assert cache["conv1_out"] == {"amax": 2.0, "method": "minmax", "min": -2.0, "max": 1.5}
+    assert cache["conv1_out"] == {
+        "amax": 2.0,
+        "method": "minmax",
+        "min": -2.0,
+        "max": 1.5,
+        "lo": -2.0,
+        "hi": 1.5,
+    }
     assert cache["x"]["method"] == "percentile:99"
     raw = json.loads(path.read_text())
     raw["conv1_out"]["amax"] = 4  # edited by hand, an int is fine
@@ -400,7 +408,14 @@ def test_cache_round_trip_and_hand_edit(tmp_path) -> None:
     path.write_text(json.dumps(raw))
     loaded = load_cache(path)
     assert loaded["conv1_out"]["amax"] == 4.0
-    assert loaded["extra"] == {"amax": 1.25, "method": "manual", "min": None, "max": None}
+    assert loaded["extra"] == {
+        "amax": 1.25,
+        "method": "manual",
+        "min": None,
+        "max": None,
+        "lo": None,
+        "hi": None,
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json"]  # no temp files left
 
 
@@ -494,6 +509,39 @@ def test_calibrator_matches_numpy_statistics() -> None:
     assert stats["relu_out"].min == 0.0
 
 
+def test_calibrator_cuts_runs_to_its_fetch_budget() -> None:
+    """Runs are cut on axis 0 so the fetched tensors stay within the budget; the
+    statistics are the same as from whole batches."""
+    model, _, _ = tiny_conv_model()
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((8, 1, 5, 5)).astype(np.float32) for _ in range(2)]
+    whole = Calibrator(model, ["conv_out", "relu_out"])
+    ref = whole.collect([{"x": x} for x in batches])
+    assert whole._rows is not None and whole._rows >= 8  # tiny tensors: whole batches
+    cut = Calibrator(model, ["conv_out", "relu_out"])
+    per_sample = 2 * 2 * 3 * 3 * 4  # two fetched tensors of 2 x 3 x 3 float32
+    cut.fetch_budget = 3 * per_sample
+    runs: list[int] = []
+    real = cut._make_session
+
+    def counting_session():
+        session = real()
+
+        class Spy:
+            def run(self, names, feed):
+                runs.append(len(feed["x"]))
+                return session.run(names, feed)
+
+        return Spy()
+
+    cut._make_session = counting_session
+    got = cut.collect([{"x": x} for x in batches])
+    assert runs == [1, 3, 3, 1, 3, 3, 2]  # one sample sizes the runs, then 3 at a time
+    for name in ("conv_out", "relu_out"):
+        np.testing.assert_array_equal(got[name].hist, ref[name].hist)
+        assert (got[name].min, got[name].max) == (ref[name].min, ref[name].max)
+
+
 def test_calibrator_errors() -> None:
     model, _, _ = tiny_conv_model()
     with pytest.raises(ConfigError, match="'nope' is not in the model"):
@@ -517,3 +565,29 @@ def test_entropy_is_not_dominated_by_relu_zeros() -> None:
     stats = TensorStats()
     stats.update(x)
     assert compute_amax(stats, "entropy") >= np.percentile(x[x > 0], 99.9)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_range_thresholds_each_sign_alone(method: str) -> None:
+    """A HardSwish-like tensor: a dense negative half in [-0.375, 0] and a long positive
+    tail. Each side's threshold comes from its own values: the negative side stays
+    within its own extreme, the positive side is not clipped to the negative bulk."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(200_000).astype(np.float32) * 3
+    y = x * np.clip(x + 3, 0, 6) / 6
+    s = stats_of(y)
+    lo, hi = compute_range(s, method)
+    assert float(y.min()) <= lo <= 0 and 0 < hi <= float(y.max())
+    assert lo == pytest.approx(float(y.min()), rel=0.05) or method in ("percentile", "mse")
+    assert hi >= 0.5 * float(np.percentile(y[y > 0], 99.9))
+    # the same threshold as the method gives a one-signed tensor of those magnitudes
+    pos = stats_of(np.concatenate([y[y >= 0], np.zeros(0, np.float32)]))
+    assert hi == pytest.approx(compute_range(pos, method)[1], rel=1e-6)
+
+
+def test_range_rejects_bad_method_and_percentile() -> None:
+    s = stats_of(np.array([-1.0, 2.0], np.float32))
+    with pytest.raises(ConfigError, match="unknown calibration method"):
+        compute_range(s, "median")
+    with pytest.raises(ConfigError, match="0 < p <= 100"):
+        compute_range(s, "percentile", percentile=0)
