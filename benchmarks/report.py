@@ -344,7 +344,9 @@ _HOW = """## How measured
   samples as the peers. `ours-prune20/30/50` (EfficientNet-Lite0 and detection only) and
   `ours-int8-*` run explicit pass lists through `Pipeline` (see the issue sections above;
   `ours-int8-ort-fallback`, EfficientNet-Lite0 only, checks its fidelity floor on the
-  calibration samples; `ours-int8-ort-bc` runs `bias-correct` after `quantize`). `onnxslim` and `onnxsim` are the
+  calibration samples; `ours-int8-ort-bc` runs `bias-correct` after `quantize`;
+  `ours-int8-ort-entropy-kf`, detection only, keeps the first layer in float).
+  `onnxslim` and `onnxsim` are the
   peers' default clean-ups. `ort-*` are ONNX Runtime `quantize_static` runs (QDQ, weights
   QInt8 per channel symmetric; activations QInt8 symmetric (`s8`) or QUInt8 asymmetric
   (`u8`); MinMax, Entropy or Percentile calibration on the same calibration samples), each
