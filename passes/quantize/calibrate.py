@@ -76,6 +76,7 @@ __all__ = [
     "compute_range",
     "entropy_bin",
     "entropy_divergences",
+    "estimated_sqnr_db",
     "load_cache",
     "mse_bin",
     "mse_errors",
@@ -446,6 +447,28 @@ def compute_range(
     neg = _side_threshold(stats, True, method, percentile)
     pos = _side_threshold(stats, False, method, percentile)
     return -neg, pos
+
+
+def estimated_sqnr_db(stats: TensorStats, scale: float, qmin: float, qmax: float) -> float | None:
+    """The SQNR (dB) of quantizing the histogram on the grid scale * [qmin, qmax] (zero
+    point already subtracted): rounding noise scale^2 / 12 for values inside, the squared
+    distance to the bound for clipped ones; values at their bin centres. None without
+    data; inf for an all-zero tensor."""
+    if stats.count == 0:
+        return None
+    if stats.bin_width == 0:
+        return math.inf
+    centres = (np.arange(stats.bins) + 0.5) * stats.bin_width
+    pos, neg = (stats.hist - stats.neg).astype(np.float64), stats.neg.astype(np.float64)
+    signal = float(((pos + neg) * centres**2).sum())
+    noise = 0.0
+    for counts, bound in ((pos, qmax * scale), (neg, -qmin * scale)):
+        inside = centres <= bound
+        noise += float(counts[inside].sum()) * scale**2 / 12.0
+        noise += float((counts[~inside] * (centres[~inside] - max(bound, 0.0)) ** 2).sum())
+    if noise <= 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def compute_amax(stats: TensorStats, method: str = "minmax", *, percentile: float = 99.99) -> float:

@@ -44,7 +44,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -226,6 +226,7 @@ class QParams:
     method: str
     min: float | None = None
     max: float | None = None
+    sqnr_db: float | None = None  # estimated from the calibration histogram
 
 
 def _symmetric(amax: float, method: str) -> QParams:
@@ -704,6 +705,7 @@ def apply_placement(
                 "zero_point": qp.zero_point,
                 "dtype": qp.dtype,
                 "method": qp.method,
+                "sqnr_db": qp.sqnr_db,
             }
         detail["inputs"] = inputs
         if layer.weight_slot is not None:
@@ -842,12 +844,22 @@ class Quantizer:
             hi = max(ranges[n][2] for n in group)
             for n in group:
                 ranges[n] = (amax, lo, hi, ranges[n][3] + "+concat")
+        from onnxslim_edge.passes.quantize.calibrate import estimated_sqnr_db
+
         out = {}
         for name, (amax, lo, hi, method) in ranges.items():
             if self.act_dtype == "int8":
-                out[name] = _symmetric(amax, method)
+                qp = _symmetric(amax, method)
+                qmin, qmax = -128, 127
             else:
-                out[name] = _asymmetric(lo, hi, amax, method)
+                qp = _asymmetric(lo, hi, amax, method)
+                qmin, qmax = -qp.zero_point, 255 - qp.zero_point
+            stats = self.stats.get(name)
+            if stats is not None:
+                sqnr = estimated_sqnr_db(stats, qp.scale, qmin, qmax)
+                finite = sqnr is not None and math.isfinite(sqnr)
+                qp = replace(qp, sqnr_db=round(sqnr, 2) if finite else None)
+            out[name] = qp
         return out
 
     def _clamp(

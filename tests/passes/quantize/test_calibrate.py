@@ -25,6 +25,7 @@ from onnxslim_edge.passes.quantize.calibrate import (
     compute_range,
     entropy_bin,
     entropy_divergences,
+    estimated_sqnr_db,
     load_cache,
     mse_bin,
     mse_errors,
@@ -591,3 +592,21 @@ def test_range_rejects_bad_method_and_percentile() -> None:
         compute_range(s, "median")
     with pytest.raises(ConfigError, match="0 < p <= 100"):
         compute_range(s, "percentile", percentile=0)
+
+
+def test_estimated_sqnr_matches_fake_quantization() -> None:
+    """The histogram estimate agrees with quantizing the samples themselves, for a
+    symmetric int8 grid that clips and an asymmetric uint8 one."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(200_000).astype(np.float64) * 2 + 0.5
+    s = stats_of(x.astype(np.float32))
+
+    def measured(scale: float, qmin: int, qmax: int) -> float:
+        q = np.clip(np.rint(x / scale), qmin, qmax) * scale
+        return 10 * np.log10((x**2).sum() / ((x - q) ** 2).sum())
+
+    for scale, qmin, qmax in ((6.0 / 127, -128, 127), (0.02, -100, 155), (0.05, -128, 127)):
+        assert estimated_sqnr_db(s, scale, qmin, qmax) == pytest.approx(
+            measured(scale, qmin, qmax), abs=0.3
+        )
+    assert estimated_sqnr_db(TensorStats(), 0.1, -128, 127) is None

@@ -185,6 +185,7 @@ def test_scales_by_hand_tensorrt():
     detail = report.details[0]
     assert detail["node"] == "conv" and detail["inputs"]["x"]["amax"] == 3.0
     assert detail["inputs"]["x"]["method"] == "minmax"
+    assert 40 < detail["inputs"]["x"]["sqnr_db"] < 55  # no clipping: ~47 dB of rounding
     # int8 weights and the Q/DQ'd input reproduce a hand-computed fake-quantized conv
     x = np.concatenate([f["x"] for f in _known_activations()])
     xs = np.float32(3.0 / 127)
