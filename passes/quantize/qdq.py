@@ -22,8 +22,9 @@ Placement depends on the target (`ctx.target`):
   input *and* output of the quantized layers (an output is taken after a following
   Relu/Clip, which ONNX Runtime then folds into the Q), biases as int32 with scale
   input_scale * weight_scale, the inputs and outputs of Add/Mul/Concat/pooling wrapped
-  too (`ORT_EXTRA_OPS`), and (with `activation_dtype="auto"`) uint8 activations with a
-  zero point covering [min, max] — measured fastest (see docs/quantization.md).
+  too (`ORT_EXTRA_OPS`; the float constant of such an Add/Mul stored quantized), and
+  (with `activation_dtype="auto"`) uint8 activations with a zero point covering each
+  sign's calibrated range — measured fastest (see docs/quantization.md).
 
 With `consumer_ranges` (default) a tensor whose readers are all flat past some bound
 (Relu, Clip, HardSigmoid, HardSwish and its Add/Clip/Mul export, constant Adds before
@@ -277,6 +278,7 @@ class Placement:
     int32_bias: bool = False
     groups: list[set[str]] = field(default_factory=list)
     skip_rewire: set[str] = field(default_factory=set)
+    constants: list[tuple[str, int]] = field(default_factory=list)  # (node, slot) to Q
 
     def want(self, tensor: str, consumer: tuple[str, int] | None) -> None:
         if consumer is None:
@@ -312,6 +314,27 @@ def _dtype_of(tensor: Any, dtypes: Mapping[str, Any]) -> np.dtype | None:
             return np.dtype(tensor.dtype)
         except TypeError:
             return None
+    return None
+
+
+#: Ops whose constant operand the onnxruntime-cpu layout quantizes (see make_placement).
+_CONST_OPERAND_OPS = ("Add", "Mul")
+
+
+def _constant_operand(node: gs.Node, dtypes: Mapping[str, Any]) -> int | None:
+    """The slot of the float32 constant of a two-input node whose other input is an
+    activation, else None."""
+    if len(node.inputs) != 2:
+        return None
+    for slot in (0, 1):
+        value = const_value(node.inputs[slot])
+        if (
+            value is not None
+            and value.dtype == np.float32
+            and np.all(np.isfinite(value))
+            and _is_activation(node.inputs[1 - slot], dtypes)
+        ):
+            return slot
     return None
 
 
@@ -552,12 +575,21 @@ def make_placement(
                 and n.name not in exclude
                 and all(_is_activation(t, dtypes) for t in n.inputs if not t.is_empty())
             ]
+            # Add/Mul of an activation and a float constant (HardSwish's x + 3): the
+            # constant is stored quantized too, so ONNX Runtime fuses a QLinearAdd/Mul
+            # instead of a DequantizeLinear -> Add -> QuantizeLinear round trip.
+            for n in graph.nodes:
+                slot = _constant_operand(n, dtypes) if n.op in _CONST_OPERAND_OPS else None
+                if slot is not None and n.op in extra_ops and n.name not in exclude:
+                    wrapped.append(n)
+                    placement.constants.append((n.name, slot))
         outputs = {id(t) for t in graph.outputs}
+        constant_slots = set(placement.constants)
         for node in wrapped:
             layer = layers.get(node.name)
             slots = layer.act_slots if layer else range(len(node.inputs))
             for slot in slots:
-                if not node.inputs[slot].is_empty():
+                if not node.inputs[slot].is_empty() and (node.name, slot) not in constant_slots:
                     placement.want(node.inputs[slot].name, None)
             out = _folded_output(graph, node.outputs[0])
             if _is_activation(out, dtypes) and id(out) not in outputs and out.outputs:
@@ -643,6 +675,27 @@ class _Builder:
             node.inputs[slot] = dq
         self.graph.nodes.append(qnode)
 
+    def constant(self, node_name: str, slot: int, dtype: str) -> None:
+        """Store a constant operand quantized per tensor: uint8 on [min(0, c), max(0, c)]
+        (a scalar lands on the grid's end, exact up to float32 rounding), or symmetric
+        int8; read by a DQ."""
+        node = self.nodes[node_name]
+        c = const_value(node.inputs[slot]).astype(np.float64)
+        lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+        if dtype == "int8":
+            scale = max(-lo, hi) / 127.0 or 1.0
+            zp, qmin, qmax, np_type = 0, -127, 127, np.int8
+        else:
+            scale = (hi - lo) / 255.0 or 1.0
+            zp, qmin, qmax, np_type = round(-lo / scale), 0, 255, np.uint8
+        scale = float(np.float32(scale))
+        q = np.clip(np.rint(c / scale) + zp, qmin, qmax).astype(np_type)
+        base = f"{node.name}_const{slot}"
+        qc = self._const(f"{base}_q", q)
+        sc = self._const(f"{base}_scale", np.array(scale, np.float32))
+        zc = self._const(f"{base}_zero_point", np.array(zp, np_type))
+        node.inputs[slot] = self._dq(base, qc, sc, zc, None)
+
     def weight(self, layer: Layer) -> dict[str, Any]:
         node = self.nodes[layer.node]
         w = const_value(node.inputs[layer.weight_slot])
@@ -692,6 +745,9 @@ def apply_placement(
     }
     for name, consumers in placement.acts.items():
         builder.activation(tensors[name], qparams[name], consumers, placement.skip_rewire)
+    act_dtype = next((qp.dtype for qp in qparams.values()), "uint8")
+    for node_name, slot in placement.constants:
+        builder.constant(node_name, slot, act_dtype)
     for layer in placement.layers.values():
         detail: dict[str, Any] = {"node": layer.node, "op": layer.op}
         inputs = {}

@@ -710,3 +710,48 @@ def helper_model_y(model):
     del out.graph.output[:]
     out.graph.output.append(helper.make_tensor_value_info("y", F, None))
     return out
+
+
+def test_ort_layout_quantizes_the_constant_of_an_add_exactly(tmp_path):
+    """HardSwish's `x + 3`: on onnxruntime-cpu the constant is stored as uint8 behind a
+    DequantizeLinear that gives back exactly 3, so ONNX Runtime fuses a QLinearAdd
+    instead of a float Add between a DequantizeLinear and a QuantizeLinear."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    three = numpy_helper.from_array(np.array(3.0, np.float32), "three")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    six = numpy_helper.from_array(np.array(6.0, np.float32), "six")
+    model = _model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Add", ["c", "three"], ["a"], name="add3"),
+            helper.make_node("Clip", ["a", "zero", "six"], ["g"], name="clip"),
+            helper.make_node("Mul", ["c", "g"], ["y"], name="mul"),
+        ],
+        [helper.make_tensor_value_info("x", F, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", F, None)],
+        [w, three, zero, six],
+    )
+    data = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    q, _ = _quantize(model, data, target="onnxruntime-cpu", method="minmax")
+    add = next(n for n in q.graph.node if n.op_type == "Add")
+    producer = {o: n for n in q.graph.node for o in n.output}
+    const_dq = producer[add.input[1]]
+    assert const_dq.op_type == "DequantizeLinear"
+    inits = _inits(q)
+    value, scale, zp = (inits[i] for i in const_dq.input)
+    assert value.dtype == np.uint8 and zp.dtype == np.uint8
+    assert (value.astype(np.float32) - zp) * scale == np.float32(3.0)
+    assert producer[add.input[0]].op_type == "DequantizeLinear"  # the activation side too
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    from onnxslim_edge.runtime import serialized
+
+    ort.InferenceSession(serialized(q), so, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
+    assert "QLinearAdd" in ops and "Add" not in ops
+    x = np.concatenate([d["x"] for d in data])
+    assert _cosine(_run(q, {"x": x})[0], _run(model, {"x": x})[0]) > 0.999
