@@ -228,85 +228,52 @@ def _prune_variants() -> list[MethodSpec]:
     return out
 
 
+def _ours_int8(
+    name: str,
+    what: str,
+    passes: Sequence[str],
+    target: str = "onnxruntime-cpu",
+    models: tuple[str, ...] | None = None,
+) -> MethodSpec:
+    """One of our int8 rows: `passes` after the clean-up prefix, through Pipeline."""
+    return MethodSpec(
+        name=name,
+        label=f"onnxslim-edge {what}, target {target}",
+        kind="quantize",
+        tool="onnxslim-edge",
+        function="benchmarks.harness:optimize_passes",
+        params={"passes": [*_PREFIX, *passes], "target": target},
+        models=models,
+    )
+
+
 def _int8_variants() -> list[MethodSpec]:
+    percentile = "quantize:method=percentile"
     return [
-        MethodSpec(
-            name="ours-int8-ort",
-            label="onnxslim-edge quantize (percentile), target onnxruntime-cpu",
-            kind="quantize",
-            tool="onnxslim-edge",
-            function="benchmarks.harness:optimize_passes",
-            params={
-                "passes": [*_PREFIX, "quantize:method=percentile"],
-                "target": "onnxruntime-cpu",
-            },
-        ),
-        MethodSpec(
-            name="ours-int8-trt",
-            label="onnxslim-edge quantize (percentile), target tensorrt",
-            kind="quantize",
-            tool="onnxslim-edge",
-            function="benchmarks.harness:optimize_passes",
-            params={"passes": [*_PREFIX, "quantize:method=percentile"], "target": "tensorrt"},
-        ),
-        MethodSpec(
-            name="ours-int8-ort-fallback",
-            label="onnxslim-edge quantize (percentile), onnxruntime-cpu, automatic fallback to "
-            "top-1 agreement 0.95 on the calibration data",
-            kind="quantize",
-            tool="onnxslim-edge",
-            function="benchmarks.harness:optimize_passes",
-            params={
-                "passes": [*_PREFIX, *FALLBACK_EXTRA, FALLBACK_QUANTIZE],
-                "target": "onnxruntime-cpu",
-            },
+        _ours_int8("ours-int8-ort", "quantize (percentile)", [percentile]),
+        _ours_int8("ours-int8-trt", "quantize (percentile)", [percentile], target="tensorrt"),
+        _ours_int8(
+            "ours-int8-ort-fallback",
+            "quantize (percentile), automatic fallback to top-1 agreement 0.95 on the "
+            "calibration data",
+            [*FALLBACK_EXTRA, FALLBACK_QUANTIZE],
             models=("efficientnet_lite0",),
         ),
-        MethodSpec(
-            name="ours-int8-ort-bc",
-            label="onnxslim-edge quantize (percentile) then bias-correct, target onnxruntime-cpu",
-            kind="quantize",
-            tool="onnxslim-edge",
-            function="benchmarks.harness:optimize_passes",
-            params={
-                "passes": [*_PREFIX, "quantize:method=percentile", "bias-correct"],
-                "target": "onnxruntime-cpu",
-            },
+        _ours_int8(
+            "ours-int8-ort-bc",
+            "quantize (percentile) then bias-correct",
+            [percentile, "bias-correct"],
         ),
-        MethodSpec(
-            name="ours-int8-ort-entropy-kf",
-            label="onnxslim-edge quantize (entropy, first layer kept in float), target "
-            "onnxruntime-cpu",
-            kind="quantize",
-            tool="onnxslim-edge",
-            function="benchmarks.harness:optimize_passes",
-            params={
-                "passes": [*_PREFIX, "quantize:method=entropy,keep_first=true"],
-                "target": "onnxruntime-cpu",
-            },
-            # Detection only: there the input image and the stem's output cost the most
-            # (quantized alone, the uint8 input costs 17 dB of map SQNR).
+        # Detection only: there the input image and the stem's output cost the most
+        # (quantized alone, the uint8 input costs 17 dB of map SQNR).
+        _ours_int8(
+            "ours-int8-ort-entropy-kf",
+            "quantize (entropy, first layer kept in float)",
+            ["quantize:method=entropy,keep_first=true"],
             models=("ppocr_det",),
         ),
-        MethodSpec(
-            name="ours-int8-ort-minmax",
-            label="onnxslim-edge quantize (minmax), target onnxruntime-cpu",
-            kind="quantize",
-            tool="onnxslim-edge",
-            function="benchmarks.harness:optimize_passes",
-            params={"passes": [*_PREFIX, "quantize:method=minmax"], "target": "onnxruntime-cpu"},
-        ),
-        MethodSpec(
-            name="ours-int8-ort-entropy",
-            label="onnxslim-edge quantize (entropy), target onnxruntime-cpu",
-            kind="quantize",
-            tool="onnxslim-edge",
-            function="benchmarks.harness:optimize_passes",
-            params={
-                "passes": [*_PREFIX, "quantize:method=entropy"],
-                "target": "onnxruntime-cpu",
-            },
-        ),
+        _ours_int8("ours-int8-ort-minmax", "quantize (minmax)", ["quantize:method=minmax"]),
+        _ours_int8("ours-int8-ort-entropy", "quantize (entropy)", ["quantize:method=entropy"]),
     ]
 
 

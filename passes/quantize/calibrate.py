@@ -466,9 +466,7 @@ def estimated_sqnr_db(stats: TensorStats, scale: float, qmin: float, qmax: float
         inside = centres <= bound
         noise += float(counts[inside].sum()) * scale**2 / 12.0
         noise += float((counts[~inside] * (centres[~inside] - max(bound, 0.0)) ** 2).sum())
-    if noise <= 0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return 10.0 * math.log10(signal / noise) if noise > 0 else math.inf
 
 
 def compute_amax(stats: TensorStats, method: str = "minmax", *, percentile: float = 99.99) -> float:

@@ -874,7 +874,7 @@ class Quantizer:
         ranges: dict[str, tuple[float, float, float, str]] = {}
         for name in placement.acts:
             lo = hi = None
-            if name in self.stats:
+            if name in self.stats and name not in self.cache:  # thresholds once per tensor
                 entry = cache_entry(self.stats[name], cfg.method, percentile=cfg.percentile)
                 self.cache[name] = entry
             entry = self.cache.get(name)
