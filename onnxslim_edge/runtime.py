@@ -8,8 +8,10 @@ IR > 10), or through a temporary file with external data when over 2 GB.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import onnx
@@ -17,9 +19,36 @@ import onnx
 from onnxslim_edge.errors import InvalidModelError, UnsupportedError, first_line
 from onnxslim_edge.model import PROTOBUF_LIMIT, lower_ir_version, model_bytes, model_on_disk
 
-__all__ = ["make_session", "serialized"]
+__all__ = ["make_session", "ort_log_severity", "serialized", "set_ort_log_severity"]
 
 log = logging.getLogger(__name__)
+
+#: ONNX Runtime's default logger severity as last set here (ORT has no getter): 2 = warnings.
+_ORT_SEVERITY = 2
+
+
+def set_ort_log_severity(level: int) -> None:
+    """Set ONNX Runtime's default logger severity (0 verbose .. 4 fatal) and remember it,
+    so `ort_log_severity` restores this level, not ORT's default."""
+    global _ORT_SEVERITY
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(level)
+    _ORT_SEVERITY = level
+
+
+@contextlib.contextmanager
+def ort_log_severity(level: int) -> Iterator[None]:
+    """ONNX Runtime's default logger severity set to `level` inside the block; the level
+    before it (as set by `set_ort_log_severity`, else ORT's default 2) restored after."""
+    import onnxruntime as ort
+
+    previous = _ORT_SEVERITY
+    ort.set_default_logger_severity(level)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(previous)
 
 
 def serialized(model: onnx.ModelProto) -> bytes:

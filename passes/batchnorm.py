@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError
-from onnxslim_edge.passes._graph import (
+from onnxslim_edge.graph import (
     FLOAT_DTYPES,
     const_value,
     infer_shapes,
@@ -259,8 +259,8 @@ class _Folder:
             return len(tensor.shape)
         if self._shapes is None:
             self._shapes = infer_shapes(self.graph)
-        shape = self._shapes.get(tensor.name, (None, None))[0]
-        return None if shape is None else len(shape)
+        info = self._shapes.get(tensor.name)
+        return None if info is None else len(info.shape)
 
     def _check_channels(self, layer: Any, count: int, what: str) -> None:
         channels = self._channels(layer)

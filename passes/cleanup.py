@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError, first_line
-from onnxslim_edge.passes._graph import (
+from onnxslim_edge.graph import (
     const_value,
     infer_shapes,
     is_graph_input,
@@ -101,11 +101,14 @@ class Cleanup(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> PassReport:
         report = self.new_report()
         cfg: CleanupConfig = self.config
+        # Shapes of the graph as handed over (cached per model state): removing copies
+        # and dead nodes below keeps every remaining tensor's name and shape.
+        shapes = _inferred_shapes(graph) if cfg.fold_constants else {}
         if cfg.remove_identity:
             _remove_copies(graph, report)
         report.count("dead_nodes_removed", _cleanup(graph))
         if cfg.fold_constants:
-            _fold(graph, cfg.fold_size_limit, report)
+            _fold(graph, cfg.fold_size_limit, shapes, report)
         if cfg.fuse_pad:
             _fuse_pads(graph, report)
         if cfg.merge_constants:
@@ -265,14 +268,22 @@ def _cleanup(graph: gs.Graph) -> int:
 # --------------------------------------------------------------------------- folding
 
 
-def _fold(graph: gs.Graph, limit: int, report: PassReport) -> None:
+def _inferred_shapes(graph: gs.Graph) -> dict[str, tuple[Any, Any]]:
+    """(shape, dtype) by tensor name; shapes measured by ONNX Runtime on placeholder
+    inputs are not trusted for folding (a data-dependent shape is only what they gave)."""
+    return {
+        name: (None if info.measured else info.shape, info.numpy_dtype)
+        for name, info in infer_shapes(graph).items()
+    }
+
+
+def _fold(graph: gs.Graph, limit: int, shapes: dict[str, Any], report: PassReport) -> None:
     """Fold the graph, then each subgraph (If/Loop/Scan bodies), within the budget.
 
     Scopes are folded outer first; a scope into which If branches were flattened is
     folded again, and its subgraphs are looked up after that.
     """
     graph.toposort()
-    shapes = infer_shapes(graph)
     candidates = [n for n in _all_nodes(graph) if n.op != "Constant"]
     kept = {t.name for t in (*graph.inputs, *graph.outputs)}  # interface names
     for sub in graph.subgraphs(recursive=True):
@@ -335,13 +346,13 @@ def _fold_one(
         # branch both returns and reads: `_flatten_constant_ifs` replaces it.
         "flatten_subgraphs": False,
     }
-    import onnxruntime as ort
     from onnx_graphsurgeon.logger import G_LOGGER
 
+    from onnxslim_edge.runtime import ort_log_severity
+
     # gs folds through ONNX Runtime sessions of its own; their optimizer warnings are noise
-    ort.set_default_logger_severity(3)
     try:
-        with G_LOGGER.suppress(G_LOGGER.CRITICAL):
+        with ort_log_severity(3), G_LOGGER.suppress(G_LOGGER.CRITICAL):
             try:
                 graph.fold_constants(error_ok=False, **options)
             except Exception as exc:
@@ -355,7 +366,6 @@ def _fold_one(
                     report.warn(f"constant folding of '{graph.name}' skipped: {first_line(exc2)}")
     finally:
         graph.ir_version = ir_version
-        ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
 
 
 def _fold_static_shapes(graph: gs.Graph, shapes: dict[str, Any], outputs: set[str]) -> None:

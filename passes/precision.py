@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError
-from onnxslim_edge.passes._graph import _np_dtype, infer_shapes, unique_name
+from onnxslim_edge.graph import infer_shapes, np_dtype, unique_name
 from onnxslim_edge.pipeline import Context, Pass, PassReport
 
 __all__ = ["DEFAULT_OP_BLOCK_LIST", "ConvertFP16", "ConvertFP16Config"]
@@ -149,8 +149,8 @@ class _Converter:
             if isinstance(tensor, gs.Constant):
                 self.orig[id(tensor)] = np.dtype(tensor.values.dtype)
             else:
-                dt = known.get(name, (None, None))[1]
-                self.orig[id(tensor)] = dt if dt is not None else _np_dtype(tensor.dtype)
+                dt = known[name].numpy_dtype if name in known else None
+                self.orig[id(tensor)] = dt if dt is not None else np_dtype(tensor.dtype)
         self.cur = dict(self.orig)
         self.casts: dict[tuple[int, str], Any] = {}
         self.halves: dict[int, Any] = {}

@@ -47,6 +47,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxslim_edge.graph import const_value, infer_shapes
+
 __all__ = [
     "ChannelAnalysis",
     "ChannelGroup",
@@ -246,33 +248,6 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def _const(tensor: Any) -> np.ndarray | None:
-    """The value of a constant tensor (initializer, Constant node, through Identity)."""
-    import onnx_graphsurgeon as gs
-
-    if tensor is None or tensor.is_empty():
-        return None
-    for _ in range(64):
-        if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity":
-            tensor = tensor.inputs[0].inputs[0]
-        else:
-            break
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        attrs = tensor.inputs[0].attrs
-        value = attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32)):
-            if key in attrs:
-                return np.array(attrs[key], dtype=dtype)
-        for key in ("value_int", "value_ints"):
-            if key in attrs:
-                return np.array(attrs[key], dtype=np.int64)
-    return None
-
-
 def _has_subgraph(node: Any) -> bool:
     import onnx_graphsurgeon as gs
 
@@ -304,15 +279,8 @@ def _subgraph_reads(node: Any) -> set[str]:
 
 
 def _shapes_of(graph: Any, input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, tuple]:
-    import onnx_graphsurgeon as gs
-
-    from onnxslim_edge.analysis.shapes import infer_shapes
-
-    model = gs.export_onnx(graph, do_type_check=False)
-    if model.ir_version > 10:
-        model.ir_version = 10
     try:
-        infos = infer_shapes(model, input_shapes)
+        infos = infer_shapes(graph, input_shapes)
     except Exception as exc:  # inference raises many types on odd models
         log.debug("shape inference failed: %s", exc)
         infos = {}
@@ -337,7 +305,7 @@ class _Analyzer:
     # -- helpers
 
     def shape(self, tensor: Any) -> tuple | None:
-        value = _const(tensor)
+        value = const_value(tensor)
         if value is not None:
             return tuple(value.shape)
         shape = self.shapes.get(tensor.name)
@@ -465,14 +433,14 @@ class _Analyzer:
         node = self.node
         x, inputs = node.inputs[0], node.inputs
         m = self.tracked(x)
-        w = _const(inputs[1]) if len(inputs) > 1 else None
+        w = const_value(inputs[1]) if len(inputs) > 1 else None
         if w is None or w.ndim < 3:
             if m is not None:
                 raise _Barrier("weight is not a constant")
             return
         group = int(self.attr("group", 1))
         has_bias = len(inputs) > 2 and not inputs[2].is_empty()
-        bias_ok = not has_bias or _const(inputs[2]) is not None
+        bias_ok = not has_bias or const_value(inputs[2]) is not None
         cin = self.static_dim(x, 1)
         cout = w.shape[1] * group if transpose else w.shape[0]
         if group == 1:
@@ -509,7 +477,7 @@ class _Analyzer:
     def op_Gemm(self) -> None:
         node = self.node
         a, b = node.inputs[0], node.inputs[1]
-        w = _const(b)
+        w = const_value(b)
         ma, mb = self.tracked(a), self.tracked(b)
         if mb is not None:
             raise _Barrier("the weight input carries channels")
@@ -519,7 +487,7 @@ class _Analyzer:
             return
         trans_b = int(self.attr("transB", 0))
         c = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
-        cval = _const(c) if c is not None else None
+        cval = const_value(c) if c is not None else None
         k_axis, n_axis = (1, 0) if trans_b else (0, 1)
         if ma is not None:
             if int(self.attr("transA", 0)) or ma.axis != 1:
@@ -544,7 +512,7 @@ class _Analyzer:
     def op_MatMul(self) -> None:
         node = self.node
         a, b = node.inputs
-        w = _const(b)
+        w = const_value(b)
         ma, mb = self.tracked(a), self.tracked(b)
         if mb is not None or (ma is not None and (w is None or w.ndim != 2)):
             raise _Barrier("MatMul of two activations mixes channels")
@@ -602,7 +570,7 @@ class _Analyzer:
                 continue
             if shape[aligned] != size:
                 raise _Barrier(f"input '{t.name}' does not broadcast over the channels")
-            if _const(t) is None:
+            if const_value(t) is None:
                 raise _Barrier(f"input '{t.name}' carries the channels but no layer produces them")
             self.edit("slice", first, index=i, axis=aligned, role="param")
         if self.static_dim(out, axis) not in (None, size):
@@ -617,7 +585,7 @@ class _Analyzer:
         for i in indices:
             if i >= len(node.inputs) or node.inputs[i].is_empty():
                 continue
-            value = _const(node.inputs[i])
+            value = const_value(node.inputs[i])
             if value is None or self.tracked(node.inputs[i]) is not None:
                 raise _Barrier(f"parameter '{node.inputs[i].name}' is not a constant")
             if value.size == 1 and value.ndim <= 1 and len(m.atoms) != 1:
@@ -651,7 +619,7 @@ class _Analyzer:
         if "axes" in node.attrs:
             axes = node.attrs["axes"]
         elif len(node.inputs) > 1 and not node.inputs[1].is_empty():
-            value = _const(node.inputs[1])
+            value = const_value(node.inputs[1])
             if value is None:
                 raise _Barrier("axes computed at run time")
             axes = value.tolist()
@@ -689,7 +657,7 @@ class _Analyzer:
         if self.static_dim(node.outputs[0], m.axis) != len(m.atoms):
             raise _Barrier("resizes the channel axis")
         if len(node.inputs) > 3 and not node.inputs[3].is_empty():
-            sizes = _const(node.inputs[3])
+            sizes = const_value(node.inputs[3])
             if sizes is None:
                 raise _Barrier("sizes computed at run time")
             if "axes" in node.attrs:
@@ -708,13 +676,13 @@ class _Analyzer:
         if "pads" in node.attrs:
             pads = list(node.attrs["pads"])
         else:
-            value = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+            value = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
             if value is None:
                 raise _Barrier("pads computed at run time")
             pads = value.tolist()
         axes = list(range(rank))
         if len(node.inputs) > 3 and not node.inputs[3].is_empty():
-            value = _const(node.inputs[3])
+            value = const_value(node.inputs[3])
             if value is None:
                 raise _Barrier("axes computed at run time")
             axes = [a % rank for a in value.tolist()]
@@ -735,7 +703,7 @@ class _Analyzer:
         for i in (1, 2):
             if i >= len(node.inputs) or node.inputs[i].is_empty():
                 continue
-            value = _const(node.inputs[i])
+            value = const_value(node.inputs[i])
             if value is None:
                 raise _Barrier(f"'{node.inputs[i].name}' is not a constant")
             if value.size == 1 and value.ndim <= 1:
@@ -818,7 +786,7 @@ class _Analyzer:
                 if i >= len(node.inputs) or node.inputs[i].is_empty():
                     values.append(None)
                     continue
-                value = _const(node.inputs[i])
+                value = const_value(node.inputs[i])
                 if value is None:
                     raise _Barrier("bounds computed at run time")
                 values.append(value.tolist())
@@ -867,7 +835,7 @@ class _Analyzer:
         out_axis, block = found
         atoms = np.repeat(m.atoms, block) if block > 1 else m.atoms
         if node.op == "Reshape":
-            target = _const(node.inputs[1])
+            target = const_value(node.inputs[1])
             if target is None:
                 raise _Barrier("target shape computed at run time")
             target = target.astype(np.int64).tolist()

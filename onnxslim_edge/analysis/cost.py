@@ -1,7 +1,7 @@
 """Model cost: node count, parameters, serialized bytes, multiply-accumulates, sparsity.
 
 `model_cost` is a pure function of the model (and the optional `input_shapes`): it
-reads shapes from `onnxslim_edge.analysis.shapes.infer_shapes` and counts, per node of
+reads shapes from `onnxslim_edge.graph.infer_shapes` and counts, per node of
 the main graph (If/Loop/Scan bodies are not counted):
 
 | op | MACs |
@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxslim_edge.analysis.shapes import Dim, TensorInfo, infer_shapes
+from onnxslim_edge.analysis.shapes import Dim, TensorInfo
+from onnxslim_edge.graph import infer_shapes
 from onnxslim_edge.model import PROTOBUF_LIMIT, iter_graphs, model_bytes, tensor_bytes
 
 __all__ = ["ModelCost", "NodeCost", "count_macs", "model_cost", "weight_sparsity"]

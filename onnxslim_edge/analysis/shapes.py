@@ -1,6 +1,7 @@
 """Tensor shapes and dtypes of a model: ONNX shape inference, then ONNX Runtime if needed.
 
-`infer_shapes` runs `onnx.shape_inference` (non-strict, with data propagation; through a
+`infer_model_shapes` (behind `onnxslim_edge.graph.infer_shapes`, which caches its
+results per model state) runs `onnx.shape_inference` (non-strict, with data propagation; through a
 temporary file for models over 2 GB). When the caller gives `input_shapes`, those
 shapes replace the graph inputs' symbolic dims first. If some tensor's shape is still
 not concrete afterwards and concrete input shapes are known (from `input_shapes`, or
@@ -20,7 +21,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ import numpy as np
 import onnx
 
 from onnxslim_edge.errors import DataError, first_line
+from onnxslim_edge.graph import exposing_session, infer_shapes
 from onnxslim_edge.model import PROTOBUF_LIMIT, iter_graphs, model_bytes, model_on_disk
 
-__all__ = ["Dim", "TensorInfo", "dtype_name", "infer_shapes", "io_info"]
+__all__ = ["Dim", "TensorInfo", "dtype_name", "infer_model_shapes", "infer_shapes", "io_info"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,24 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[Dim, ...]
+    #: The shape was measured in an ONNX Runtime run on placeholder inputs, not inferred
+    #: (metadata: not part of equality).
+    measured: bool = field(default=False, compare=False)
+
+    @property
+    def numpy_dtype(self) -> np.dtype | None:
+        """The dtype as numpy's, or None when unknown or not a numpy type (bfloat16 ...)."""
+        if self.dtype == "undefined":
+            return None
+        try:
+            return np.dtype(self.dtype)
+        except TypeError:
+            return None
+
+    def __iter__(self) -> Any:
+        """Unpacks as `(shape, numpy dtype or None)`: `shape, dtype = infos[name]`."""
+        yield self.shape
+        yield self.numpy_dtype
 
     @property
     def is_static(self) -> bool:
@@ -320,26 +340,26 @@ def _runtime_shapes(
 ) -> dict[str, TensorInfo]:
     """Shapes from one ONNX Runtime run of `model` (a private copy, modified here) with
     the `exposed` tensors added as outputs; {} when the runtime cannot run it."""
-    from onnxslim_edge.runtime import make_session
-
     feeds = _feed(model, shapes)
     if feeds is None:
         return {}
     graph = model.graph
-    outputs = {o.name for o in graph.output}
     for o in graph.output:  # declared output shapes may conflict with the given input shapes
         if o.type.HasField("tensor_type"):
             o.type.tensor_type.ClearField("shape")
     del graph.value_info[:]
     inputs = {i.name for i in graph.input} | _initializer_names(graph)
-    for name, elem in exposed:
-        if name not in outputs and name not in inputs:
-            graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-            outputs.add(name)
+    types = dict(exposed)
     try:
         import onnxruntime as ort
 
-        session = make_session(model, threads=1, optimization="disable")
+        session = exposing_session(
+            model,
+            [name for name, _ in exposed if name not in inputs],
+            types=types,
+            threads=1,
+            optimization="disable",
+        )
         names = [o.name for o in session.get_outputs()]
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a failure is reported below, once
@@ -351,14 +371,17 @@ def _runtime_shapes(
     result = {}
     for name, value in zip(names, values):
         if isinstance(value, np.ndarray):
-            result[name] = TensorInfo(name, value.dtype.name, tuple(int(d) for d in value.shape))
+            shape = tuple(int(d) for d in value.shape)
+            result[name] = TensorInfo(name, value.dtype.name, shape, measured=True)
     return result
 
 
-def infer_shapes(
+def infer_model_shapes(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, TensorInfo]:
-    """Every tensor's dtype and shape: inputs, outputs, initializers and intermediates.
+    """The engine behind `onnxslim_edge.graph.infer_shapes` (call that one: it caches).
+
+    Every tensor's dtype and shape: inputs, outputs, initializers and intermediates.
 
     `input_shapes` gives concrete shapes for graph inputs (e.g. {"x": (4, 3, 224, 224)});
     symbolic dims it does not cover (all, when it is `{}`) take the value another input

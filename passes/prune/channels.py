@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_edge.analysis.channels import ChannelAnalysis, analyze_channels
 from onnxslim_edge.errors import ConfigError
+from onnxslim_edge.graph import const_value, export_graph
 from onnxslim_edge.passes.prune.importance import class_importance
 from onnxslim_edge.passes.prune.mechanics import (
     kept_positions,
@@ -204,8 +205,6 @@ class _CostModel:
         for e in analysis.edits:
             if e.kind == "slice":
                 sliced.setdefault((e.node_index, e.index), []).append(e.atoms)
-        from onnxslim_edge.passes._graph import const_value
-
         for (ni, idx), maps in sliced.items():
             value = const_value(graph.nodes[ni].inputs[idx])
             if value is not None and value.ndim >= 1:
@@ -224,13 +223,6 @@ class _CostModel:
         if what == "macs":
             return self._removed(self.terms, keep) / max(self.base_macs, 1)
         return self._removed(self.param_terms, keep) / max(self.base_params, 1)
-
-
-def _export(graph: gs.Graph) -> Any:
-    model = gs.export_onnx(graph, do_type_check=False)
-    if model.ir_version > 10:
-        model.ir_version = 10
-    return model
 
 
 class PruneChannels(Pass):
@@ -292,7 +284,7 @@ class PruneChannels(Pass):
             return report
         from onnxslim_edge.data import random_feeds
 
-        model = _export(graph)
+        model = export_graph(graph)
         feeds = [
             random_feeds(model, seed=ctx.seed + k, input_shapes=ctx.input_shapes) for k in (0, 1)
         ]
@@ -322,7 +314,7 @@ class PruneChannels(Pass):
         data's): with symbolic height and width every spatial size would count as 1."""
         from onnxslim_edge.analysis.cost import model_cost
 
-        model = _export(graph)
+        model = export_graph(graph)
         cost = _CostModel(graph, analysis, model, shapes)
 
         def keep_for(n: int) -> np.ndarray:
@@ -347,7 +339,7 @@ class PruneChannels(Pass):
         def measured(n: int) -> float:
             trial = graph.copy()
             remove_channels(trial, analysis, keep_for(n))
-            c = model_cost(_export(trial.cleanup()), input_shapes=shapes)
+            c = model_cost(export_graph(trial.cleanup()), input_shapes=shapes)
             return 1.0 - (c.macs if what == "macs" else c.params) / max(base, 1)
 
         achieved = measured(n) if n else 0.0
@@ -380,7 +372,7 @@ class PruneChannels(Pass):
     def _batches(self, graph: gs.Graph, ctx: Context, limit: int) -> Any:
         from onnxslim_edge.data import open_data
 
-        return open_data(ctx.data, _export(graph), limit=limit, input_shapes=ctx.input_shapes)
+        return open_data(ctx.data, export_graph(graph), limit=limit, input_shapes=ctx.input_shapes)
 
     @staticmethod
     def _details(report: PassReport, analysis: ChannelAnalysis, keep: np.ndarray) -> None:

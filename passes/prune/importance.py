@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_edge.analysis.channels import ChannelAnalysis
 from onnxslim_edge.errors import ConfigError
-from onnxslim_edge.passes._graph import const_value
+from onnxslim_edge.graph import const_value, export_graph, exposing_session
 
 __all__ = ["AGGREGATES", "CRITERIA", "activation_scores", "class_importance", "filter_norms"]
 
@@ -69,17 +69,11 @@ def activation_scores(
     graph: gs.Graph, analysis: ChannelAnalysis, batches: Iterable[dict[str, Any]]
 ) -> list[Contribution]:
     """Mean |x| per channel at every consumer input, streamed over `batches`."""
-    from onnxslim_edge.passes.prune.mechanics import expose_outputs
-    from onnxslim_edge.runtime import make_session
-
     maps = {c.tensor: analysis.tensor_maps[c.tensor] for c in analysis.consumers}
     if not maps:
         return []
     names = sorted(maps)
-    model = gs.export_onnx(graph.copy(), do_type_check=False)
-    if model.ir_version > 10:
-        model.ir_version = 10
-    session = make_session(expose_outputs(model, names))
+    session = exposing_session(export_graph(graph), names)
     inputs = {i.name for i in session.get_inputs()}
     sums = {n: np.zeros(len(maps[n].atoms)) for n in names}
     counts = dict.fromkeys(names, 0)

@@ -24,18 +24,22 @@ the zero-mode model (up to float summation order) on every graph the analysis ac
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.analysis.channels import ChannelAnalysis, Consumer, Edit
-from onnxslim_edge.passes._graph import const_value, set_constant_input, unique_name
+from onnxslim_edge.graph import (
+    const_value,
+    export_graph,
+    exposing_session,
+    set_constant_input,
+    unique_name,
+)
 
 __all__ = [
-    "expose_outputs",
     "fold_deltas",
     "kept_positions",
     "remove_channels",
@@ -282,18 +286,6 @@ def zero_channels(
     return {"channels_zeroed": zeroed, "consumers_masked": masked}
 
 
-def expose_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the tensors `names` (types left to ORT)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in present:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return copy
-
-
 def removed_constants(
     graph: gs.Graph,
     analysis: ChannelAnalysis,
@@ -311,15 +303,10 @@ def removed_constants(
     }
     if not wanted:
         return {}
-    from onnxslim_edge.runtime import make_session
-
     masked = graph.copy()
     zero_channels(masked, analysis, keep, sources_only=True)
-    model = gs.export_onnx(masked, do_type_check=False)
-    if model.ir_version > 10:
-        model.ir_version = 10
     names = sorted({c.tensor for c in wanted.values()})
-    session = make_session(expose_outputs(model, names), threads=1, optimization="disable")
+    session = exposing_session(export_graph(masked), names, threads=1, optimization="disable")
     runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
     result: dict[int, np.ndarray] = {}
     for i, cons in wanted.items():

@@ -39,9 +39,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError, DataError
-from onnxslim_edge.passes._graph import (
+from onnxslim_edge.graph import (
     FLOAT_DTYPES,
     const_value,
+    export_graph,
+    exposing_session,
     set_constant_input,
     sole_consumer,
     unique_name,
@@ -182,7 +184,7 @@ class BiasCorrect(Pass):
             input_shapes=ctx.input_shapes,
             seed=ctx.seed,
         )
-        ref_session = _session(ctx.reference, [layer.output for layer in layers])
+        ref_session = exposing_session(ctx.reference, [layer.output for layer in layers])
         if self.config.sequential:
             for layer in layers:
                 stats = self._measure(graph, ref_session, [layer], data)
@@ -252,8 +254,7 @@ class BiasCorrect(Pass):
     # ------------------------------------------------------------------ measuring
 
     def _measure(self, graph: gs.Graph, ref_session: Any, layers: list, data: Any) -> list:
-        model = gs.export_onnx(graph.copy(), do_type_check=False)
-        session = _session(model, [layer.output for layer in layers])
+        session = exposing_session(export_graph(graph), [layer.output for layer in layers])
         stats = [_Stats(layer.channels) for layer in layers]
         names = [layer.output for layer in layers]
         batches = 0
@@ -345,16 +346,3 @@ class BiasCorrect(Pass):
                 outputs=[y],
             )
         )
-
-
-def _session(model: onnx.ModelProto, outputs: list[str]) -> Any:
-    """A session whose outputs are `outputs` (added to a copy of the model)."""
-    from onnxslim_edge.runtime import make_session
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    for name in outputs:
-        if name not in existing:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
-    return make_session(copy)

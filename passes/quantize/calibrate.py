@@ -603,19 +603,15 @@ def load_cache(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of the main graph's tensors, from ONNX shape inference if it runs."""
-    from onnxslim_edge.model import PROTOBUF_LIMIT, model_bytes
+    """ONNX element types of the model's tensors, from `graph.infer_shapes` where it
+    knows them (best effort: ONNX Runtime infers the others)."""
+    from onnxslim_edge.graph import infer_shapes
 
-    graph = model.graph
-    if model_bytes(model) < PROTOBUF_LIMIT:
-        try:
-            graph = onnx.shape_inference.infer_shapes(model).graph
-        except Exception as exc:  # inference is best effort: ORT infers types too
-            log.debug("shape inference failed (%s); exposing outputs without types", exc)
     types: dict[str, int] = {}
-    for vi in (*graph.input, *graph.value_info, *graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
+    for name, info in infer_shapes(model).items():
+        _, dtype = info
+        if dtype is not None:
+            types[name] = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     return types
 
 
@@ -681,21 +677,12 @@ class Calibrator:
         self._split = _free_batch(model)
 
     def _make_session(self) -> Any:
-        from onnxslim_edge.runtime import make_session
+        from onnxslim_edge.graph import exposing_session
 
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self._model)
-        existing = {o.name for o in copy.graph.output}
+        existing = {o.name for o in self._model.graph.output}
         new = [n for n in self._fetch if n not in existing]
-        if new:
-            types = _value_types(copy)
-            for name in new:
-                if name in types:
-                    vi = onnx.helper.make_tensor_value_info(name, types[name], None)
-                else:
-                    vi = onnx.ValueInfoProto(name=name)
-                copy.graph.output.append(vi)
-        return make_session(copy, threads=self.threads)
+        types = _value_types(self._model) if new else None
+        return exposing_session(self._model, new, types=types, threads=self.threads)
 
     def _parts(self, feed: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         """`feed` cut on axis 0 into runs of at most `_rows` samples (the first run of a

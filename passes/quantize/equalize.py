@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError
-from onnxslim_edge.passes._graph import FLOAT_DTYPES, const_value, sole_consumer, unique_name
+from onnxslim_edge.graph import FLOAT_DTYPES, const_value, sole_consumer, unique_name
 from onnxslim_edge.pipeline import Context, Pass, PassReport
 
 __all__ = ["Equalize", "EqualizeConfig", "channel_ranges"]

@@ -53,7 +53,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError, DataError
-from onnxslim_edge.passes._graph import const_value, infer_shapes, unique_name
+from onnxslim_edge.graph import const_value, infer_shapes, unique_name
 from onnxslim_edge.pipeline import Context, FidelityError, Pass, PassReport
 
 __all__ = [

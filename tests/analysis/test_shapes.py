@@ -13,6 +13,7 @@ import onnxslim_edge.analysis.shapes as shapes_mod
 import onnxslim_edge.runtime
 from onnxslim_edge.analysis import TensorInfo, infer_shapes, io_info
 from onnxslim_edge.errors import DataError
+from onnxslim_edge.graph import clear_shapes_cache
 
 OPSET = 17
 
@@ -55,6 +56,12 @@ def opaque_reshape_model(batch="N", factor=1.0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [scale],
     )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_shapes_cache():
+    """Each test infers from scratch (results are cached per model state)."""
+    clear_shapes_cache()
 
 
 @pytest.fixture
