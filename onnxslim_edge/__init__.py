@@ -5,6 +5,9 @@
     ose.save_model(result.model, "model.slim.onnx")
     print(result.report.to_table())
 
+A pass runs alone too: `ose.create_pass("cleanup")(model)` returns a `PassResult`
+(`.model`, `.modified`, `.report`), measured as inside a pipeline. Passes come from the
+`onnxslim_edge.passes` entry points of the installed package (`onnxslim_edge.registry`).
 Importing this package imports neither torch, tensorrt nor onnxruntime.training.
 """
 
@@ -28,39 +31,12 @@ if importlib.util.find_spec("onnxruntime") is None:  # pragma: no cover - depend
     )
 
 
-def _source_checkout_passes() -> None:
-    """Run from a source checkout, `passes/` sits beside this folder instead of inside it.
-
-    Installs (wheel or editable) map it to `onnxslim_edge/passes` and skip this; in a bare
-    checkout (e.g. `python -c ...` from the repository root) register it under its real
-    name so `import onnxslim_edge.passes.cleanup` works there too.
-    """
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).parent
-    source = here.parent / "passes"
-    if (here / "passes").exists() or not (source / "__init__.py").is_file():
-        return
-    if "onnxslim_edge.passes" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "onnxslim_edge.passes", source / "__init__.py", submodule_search_locations=[str(source)]
-    )
-    if spec is None or spec.loader is None:  # pragma: no cover - defensive
-        return
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-
-
-_source_checkout_passes()
-
-from onnxslim_edge.model import convert_opset, load_model, save_model  # noqa: E402
-from onnxslim_edge.pipeline import (  # noqa: E402
+from onnxslim_edge.model import convert_opset, load_model, save_model
+from onnxslim_edge.pipeline import (
     Context,
     Pass,
     PassReport,
+    PassResult,
     Pipeline,
     PipelineReport,
     PipelineResult,
@@ -79,6 +55,7 @@ __all__ = [
     "OnnxSlimEdgeError",
     "Pass",
     "PassReport",
+    "PassResult",
     "Pipeline",
     "PipelineReport",
     "PipelineResult",

@@ -65,16 +65,35 @@ def test_import_without_onnxruntime_names_the_extras(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
-def test_passes_import_from_a_source_checkout() -> None:
-    """From the repository root the source folder shadows the install; passes still import."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_cli_command_runs_from_a_source_checkout() -> None:
+    """The installed `onnxslim-edge` command works from the repository root (a console
+    script does not put the working folder on sys.path), and finds every built-in pass
+    through the entry points."""
     root = Path(__file__).resolve().parents[1]
-    code = "import onnxslim_edge.passes.cleanup as c, onnxslim_edge as o; print(c.__file__); print(o.__file__)"
+    command = Path(sys.executable).with_name("onnxslim-edge")
+    proc = subprocess.run(
+        [str(command), "passes"], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = {line.split(":")[0].split()[0] for line in proc.stdout.splitlines() if line[:1] != " "}
+    assert {"cleanup", "fold-batchnorm", "quantize", "prune-channels"} <= listed
+
+
+def test_source_folder_shadowing_the_install_gives_one_clear_error() -> None:
+    """`python` in the repository root imports the source folder, which has no passes/
+    inside: asking for a pass names the cause instead of a bare ModuleNotFoundError."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import onnxslim_edge as o\n"
+        "try:\n    o.create_pass('cleanup')\n"
+        "except o.ConfigError as exc:\n    print(exc)\n"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[1].startswith(str(root / "onnxslim_edge"))
+    message = proc.stdout.strip()
+    assert message.startswith(
+        "pass 'cleanup' is registered as onnxslim_edge.passes.cleanup:Cleanup but cannot be imported"
+    ), message
+    assert "run the installed package, not a source folder shadowing it" in message

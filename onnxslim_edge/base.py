@@ -1,0 +1,352 @@
+"""The `Pass` contract and the one function that runs a pass honestly (`run_pass`).
+
+A pass author subclasses `Pass` (`name`, a frozen `Config`, `lossless`, and
+`run(graph, ctx) -> PassReport` built from `self.new_report()`). Callers call a pass:
+`create_pass("cleanup")(model)` returns a `PassResult` (`model`, `modified`, `report`).
+Alone or inside a `Pipeline`, a pass goes through `run_pass`: a fresh
+onnx-graphsurgeon graph imported from the current `ModelState`, the pass, the export,
+and one measurement (`modified` from `graph.fingerprint`, nodes added/removed by object
+identity, cost before/after from `analysis.model_cost`, wall time), then the `Checks`
+(ONNX checker and an ONNX Runtime session; for lossless passes an output comparison
+with the previous model). A `ModelState` computes its fingerprint and cost once, so the
+cost after one pass is the cost before the next.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import onnx
+
+from onnxslim_edge.config import NoConfig, config_dict, make_config
+from onnxslim_edge.context import Context
+from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError
+from onnxslim_edge.graph import fingerprint, graph_from_model, model_from_graph
+from onnxslim_edge.model import check_model, load_model
+from onnxslim_edge.report import PassReport
+
+__all__ = [
+    "Checks",
+    "FidelityError",
+    "ModelState",
+    "Pass",
+    "PassResult",
+    "model_input",
+    "run_pass",
+]
+
+log = logging.getLogger(__name__)
+
+
+class FidelityError(OnnxSlimEdgeError):
+    """A result misses a fidelity floor, or a lossless pass changed the outputs."""
+
+
+class ModelState:
+    """One model between passes, with its fingerprint and cost computed once, on demand."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self._fingerprint: str | None = None
+        self._cost: dict[str, int] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
+    @property
+    def cost(self) -> dict[str, int]:
+        if self._cost is None:
+            from onnxslim_edge.analysis.cost import model_cost
+
+            c = model_cost(self.model)
+            self._cost = {
+                "nodes": c.nodes,
+                "params": c.params,
+                "size_bytes": c.size_bytes,
+                "macs": c.macs,
+            }
+        return dict(self._cost)
+
+
+@dataclass
+class PassResult:
+    """What calling a pass returns: the new model (the input itself when unchanged) and
+    the measured report."""
+
+    model: onnx.ModelProto
+    report: PassReport
+
+    @property
+    def modified(self) -> bool:
+        return self.report.modified
+
+
+def model_input(source: Any) -> onnx.ModelProto:
+    """A private copy of what a caller hands a pass or pipeline: a path, a ModelProto or
+    an onnx-graphsurgeon Graph (exported as it is). The caller's object is never changed."""
+    if not isinstance(source, (onnx.ModelProto, str)) and hasattr(source, "nodes"):
+        import onnx_graphsurgeon as gs
+
+        from onnxslim_edge.graph import clamp_ir
+
+        return clamp_ir(gs.export_onnx(source, do_type_check=False))
+    original = load_model(source)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    return model
+
+
+class Pass(abc.ABC):
+    """A graph rewrite: `run(graph, ctx)` mutates `graph` and returns a PassReport.
+
+    Subclasses set `name`, `Config` (a frozen, keyword-only dataclass) and `lossless`
+    (then its outputs are compared with the previous model's after it runs). Construct
+    with a config object or keyword options: `FoldBatchNorm()`,
+    `Cleanup(fold_size_limit=1 << 20)`. Call the instance on a model to run it alone:
+    `Cleanup()(model)` -> `PassResult`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+    lossless: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, /, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("give a config object or keyword options, not both")
+        if config is None:
+            config = make_config(self.Config, options, where=self.name)
+        elif not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name}: config must be {self.Config.__name__}")
+        self.config = config
+
+    @abc.abstractmethod
+    def run(self, graph: Any, ctx: Context) -> Any:
+        """Rewrite `graph` (an onnx_graphsurgeon.Graph) in place; return the report."""
+
+    def new_report(self) -> PassReport:
+        return PassReport(self.name, config=config_dict(self.config))
+
+    def apply(
+        self, state: ModelState, ctx: Context, checks: Checks
+    ) -> tuple[ModelState, PassReport]:
+        """Run on `state` and return the next state with the measured report (the
+        pipeline's step; `Pipeline` overrides it to run its own passes)."""
+        return run_pass(self, state, ctx, checks)
+
+    def __call__(self, model: Any, ctx: Context | None = None) -> PassResult:
+        """Run this pass alone on a path, ModelProto or gs.Graph (never changed), with the
+        same measurement and checks as in a default `Pipeline`."""
+        current = model_input(model)
+        if ctx is None:
+            ctx = Context()
+        if ctx.reference is None:
+            ctx.reference = current
+        checks = Checks()
+        checks.start(current, ctx)
+        state, report = self.apply(ModelState(current), ctx, checks)
+        return PassResult(state.model, report)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in config_dict(self.config).items())
+        return f"{type(self).__name__}({options})"
+
+
+def run_pass(
+    p: Pass, state: ModelState, ctx: Context, checks: Checks
+) -> tuple[ModelState, PassReport]:
+    """Run `p` on a fresh graph of `state`, measure what changed, check the result.
+
+    Returns the new state (`state` itself when nothing changed) and the report. Errors
+    other than user errors are raised as RuntimeError naming the pass.
+    """
+    graph = graph_from_model(state.model)
+    before_nodes = list(graph.nodes)  # keep them alive: identity marks removed nodes
+    t0 = time.perf_counter()
+    try:
+        report = p.run(graph, ctx)
+        new_model = model_from_graph(graph, state.model)
+    except OnnxSlimEdgeError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"pass '{p.name}' failed: {exc}") from exc
+    wall = time.perf_counter() - t0
+    new_state = ModelState(new_model)
+    before_ids = {id(n) for n in before_nodes}
+    after_ids = {id(n) for n in graph.nodes}
+    measure(
+        report,
+        state,
+        new_state,
+        wall_time_s=wall,
+        nodes=(len(before_ids), len(after_ids)),
+        added_removed=(len(after_ids - before_ids), len(before_ids - after_ids)),
+    )
+    if report.modified:
+        checks.validate(new_model, p.name)
+        if p.lossless and checks.verify_lossless:
+            report.validation = checks.compare_lossless(state.model, new_model, ctx, p.name)
+    log.info(
+        "%s: modified=%s, -%d/+%d nodes",
+        p.name,
+        report.modified,
+        report.nodes_removed,
+        report.nodes_added,
+    )
+    return (new_state if report.modified else state), report
+
+
+def measure(
+    report: PassReport,
+    before: ModelState,
+    after: ModelState,
+    *,
+    wall_time_s: float,
+    nodes: tuple[int, int],
+    added_removed: tuple[int, int],
+) -> None:
+    """Fill the measured fields of `report`: the one place they are computed."""
+    report.modified = after.fingerprint != before.fingerprint
+    report.wall_time_s = wall_time_s
+    report.nodes_before, report.nodes_after = nodes
+    report.nodes_added, report.nodes_removed = added_removed
+    report.cost_before = before.cost
+    report.cost_after = after.cost if report.modified else before.cost
+
+
+class Checks:
+    """What is checked after a pass that changed the model.
+
+    - `validate`: "session" (checker + an ONNX Runtime session, default), "checker", "none".
+    - `verify_lossless`: compare each lossless pass's outputs with the previous model's
+      (rtol/atol, on the Context's data, else synthetic inputs) and raise FidelityError
+      when they differ.
+    """
+
+    def __init__(
+        self,
+        *,
+        validate: Literal["session", "checker", "none"] = "session",
+        verify_lossless: bool = True,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        max_samples: int = 4,
+    ) -> None:
+        if validate not in ("session", "checker", "none"):
+            raise ConfigError(f"validate must be session, checker or none, not {validate!r}")
+        self.validate_mode = validate
+        self.verify_lossless = verify_lossless
+        self.rtol, self.atol = rtol, atol
+        self.max_samples = max_samples
+        self.data: _CheckData | None = None
+
+    def start(self, original: onnx.ModelProto, ctx: Context) -> None:
+        """Compare on inputs for `original` (read on first use) from now on."""
+        self.data = _CheckData(original, ctx, self.max_samples)
+
+    def validate(self, model: onnx.ModelProto, name: str) -> None:
+        if self.validate_mode == "none":
+            return
+        try:
+            check_model(model, f"after pass '{name}'")
+            if self.validate_mode == "session":
+                from onnxslim_edge.runtime import make_session
+
+                make_session(model)
+        except OnnxSlimEdgeError as exc:
+            raise RuntimeError(f"pass '{name}' produced an invalid model: {exc}") from exc
+
+    def compare_lossless(
+        self, before: onnx.ModelProto, after: onnx.ModelProto, ctx: Context, name: str
+    ) -> dict[str, Any]:
+        from onnxslim_edge.verify import compare
+
+        assert self.data is not None, "Checks.start() comes first"
+        data = self.data
+
+        def check(atol: float) -> Any:
+            return compare(
+                before,
+                after,
+                data=data.get(),
+                rtol=self.rtol,
+                atol=atol,
+                atol_mode="range",
+                max_samples=self.max_samples,
+                input_shapes=ctx.input_shapes,
+                seed=ctx.seed,
+            )
+
+        result = check(self.atol)
+        noise = None
+        if not result.passed:
+            # Deep float32 graphs: the tolerance may not be tighter than ONNX Runtime's own
+            # rewrites (which fold BN and fuse the same way) move the previous model.
+            noise = self._float_noise(before)
+            if 2 * noise > self.atol:
+                result = check(2 * noise)
+        summary = result.to_dict()
+        summary["float32_noise"] = noise
+        if not result.passed:
+            raise FidelityError(f"lossless pass '{name}' changed the outputs: {result.summary()}")
+        return summary
+
+    def _float_noise(self, model: onnx.ModelProto) -> float:
+        """Largest output change, relative to the output's range, between running `model`
+        with and without ONNX Runtime's graph optimizations: float32 noise of reordering."""
+        import numpy as np
+
+        from onnxslim_edge.runtime import make_session
+
+        assert self.data is not None
+        plain = make_session(model, optimization="disable")
+        fused = make_session(model, optimization="all")
+        names = [o.name for o in plain.get_outputs()]
+        wanted = {i.name for i in plain.get_inputs()}
+        worst: dict[str, float] = {}
+        scale: dict[str, float] = {}
+        for i, feed in enumerate(self.data.get()):
+            if i >= self.max_samples:
+                break
+            feed = {k: v for k, v in feed.items() if k in wanted}
+            for n, a, b in zip(names, plain.run(None, feed), fused.run(None, feed)):
+                a, b = np.asarray(a), np.asarray(b)
+                if a.dtype.kind != "f" or a.size == 0 or a.shape != b.shape:
+                    continue
+                a, b = a.astype(np.float64), b.astype(np.float64)
+                finite = np.isfinite(a) & np.isfinite(b)
+                worst[n] = max(worst.get(n, 0.0), float(np.abs(a - b)[finite].max(initial=0.0)))
+                scale[n] = max(scale.get(n, 0.0), float(np.abs(a[finite]).max(initial=0.0)))
+        return max((worst[n] / scale[n] for n in worst if scale[n] > 0), default=0.0)
+
+
+class _CheckData:
+    """The inputs output checks run on: the Context's data, else one synthetic source.
+
+    Built on first use, so a run without lossless passes or floors reads nothing, and
+    the warning that the data is synthetic is given once per run, not per pass.
+    """
+
+    def __init__(self, model: onnx.ModelProto, ctx: Context, max_samples: int) -> None:
+        self._model, self._ctx, self._max = model, ctx, max_samples
+        self._source: Any = None
+
+    def get(self) -> Any:
+        if self._source is None:
+            from onnxslim_edge.data import open_data
+
+            spec = "random" if self._ctx.data is None else self._ctx.data
+            self._source = open_data(
+                spec,
+                self._model,
+                limit=self._max if spec == "random" else None,
+                input_shapes=self._ctx.input_shapes,
+                seed=self._ctx.seed,
+            )
+        return self._source

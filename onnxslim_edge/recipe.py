@@ -1,0 +1,93 @@
+"""Recipes: a pipeline as TOML data (`[[pass]]` tables, a `target`, `[verify]` floors).
+
+`load_recipe` reads a TOML file, TOML text or a mapping into a `Recipe` (configured
+passes from the registry, the target name, fidelity floors from `FLOOR_KEYS`), with
+one `ConfigError` naming the file and the key for anything it cannot use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxslim_edge.base import Pass
+from onnxslim_edge.config import coerce
+from onnxslim_edge.context import get_target
+from onnxslim_edge.errors import ConfigError
+from onnxslim_edge.registry import create_pass
+
+__all__ = ["FLOOR_KEYS", "Recipe", "load_recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    passes: tuple[Pass, ...]
+    target: str = "tensorrt"
+    floors: Mapping[str, float] = field(default_factory=dict)
+
+
+#: Fidelity floors a recipe may demand ([verify] table), checked on the final model.
+FLOOR_KEYS = ("min_top1_agreement", "min_cosine", "min_sqnr_db", "max_abs_error")
+
+
+def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
+    """A recipe from a TOML file, TOML text or a mapping.
+
+    target = "tensorrt"
+    [[pass]]
+    name = "cleanup"
+    [[pass]]
+    name = "fold-batchnorm"
+    [verify]
+    min_cosine = 0.999
+    """
+    origin = "<recipe>"
+    if isinstance(source, Mapping):
+        doc: Mapping[str, Any] = source
+    else:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        text = str(source)
+        if isinstance(source, os.PathLike) or (
+            not text.lstrip().startswith(("[", "#")) and "\n" not in text and "=" not in text
+        ):
+            path = Path(source)
+            origin = str(path)
+            if not path.is_file():
+                raise ConfigError(f"{origin}: recipe file not found")
+            text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{origin}: not valid TOML ({exc})") from exc
+    unknown = sorted(set(doc) - {"pass", "target", "verify"})
+    if unknown:
+        raise ConfigError(
+            f"{origin}: unknown key(s) {', '.join(unknown)}; valid: pass, target, verify"
+        )
+    entries = doc.get("pass", [])
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+        raise ConfigError(f"{origin}: 'pass' must be an array of tables ([[pass]])")
+    passes = []
+    for i, entry in enumerate(entries):
+        options = dict(entry)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"{origin}: [[pass]] number {i + 1} has no name")
+        passes.append(create_pass(name, **options))
+    target = doc.get("target", "tensorrt")
+    get_target(target)
+    floors = dict(doc.get("verify", {}))
+    bad = sorted(set(floors) - set(FLOOR_KEYS))
+    if bad:
+        raise ConfigError(
+            f"{origin}: unknown [verify] key(s) {', '.join(bad)}; valid: {', '.join(FLOOR_KEYS)}"
+        )
+    for key, value in floors.items():
+        floors[key] = coerce(value, float, f"{origin}: verify.{key}")
+    return Recipe(tuple(passes), target=target, floors=floors)
