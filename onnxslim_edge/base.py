@@ -65,7 +65,7 @@ class ModelState:
         if self._cost is None:
             from onnxslim_edge.analysis.cost import model_cost
 
-            c = model_cost(self.model)
+            c = model_cost(self.model, fingerprint=self.fingerprint)
             self._cost = {
                 "nodes": c.nodes,
                 "params": c.params,

@@ -271,8 +271,9 @@ def fingerprint(model: onnx.ModelProto) -> str:
     """A digest of what the model computes: nodes, interface and every tensor's values.
 
     Insensitive to what a graphsurgeon round trip changes without changing the model:
-    node order, attribute order, value_info, how tensor data is stored, and initializers
-    listed as graph inputs (IR < 4). So `modified` means a pass really rewrote something.
+    node order, attribute order, value_info, how tensor data is stored, initializers
+    listed as graph inputs (IR < 4), and the empty name gs writes into a `Constant`
+    node's tensor. So `modified` means a pass really rewrote something.
     """
     from onnx import numpy_helper
 
@@ -282,10 +283,7 @@ def fingerprint(model: onnx.ModelProto) -> str:
     for node in model.graph.node:
         canon = onnx.NodeProto()
         canon.CopyFrom(node)
-        attrs = sorted(canon.attribute, key=lambda a: a.name)
-        del canon.attribute[:]
-        canon.attribute.extend(attrs)
-        canon.doc_string = ""
+        _canonical(canon)
         nodes.append(canon.SerializeToString(deterministic=True))
     for blob in sorted(nodes):
         h.update(blob)
@@ -298,6 +296,22 @@ def fingerprint(model: onnx.ModelProto) -> str:
         h.update(b"init:" + t.name.encode() + str((t.data_type, list(t.dims))).encode())
         h.update(numpy_helper.to_array(t).tobytes())
     return h.hexdigest()
+
+
+def _canonical(node: onnx.NodeProto) -> None:
+    """Sort `node`'s attributes, drop its doc string and empty attribute-tensor names,
+    in place, subgraph nodes included."""
+    attrs = sorted(node.attribute, key=lambda a: a.name)
+    del node.attribute[:]
+    node.attribute.extend(attrs)
+    node.ClearField("doc_string")
+    for attr in node.attribute:
+        for tensor in (attr.t, *attr.tensors) if attr.HasField("t") or attr.tensors else ():
+            if not tensor.name:
+                tensor.ClearField("name")
+        for graph in (attr.g, *attr.graphs) if attr.HasField("g") or attr.graphs else ():
+            for inner in graph.node:
+                _canonical(inner)
 
 
 def _shape_key(model: onnx.ModelProto, digest: str, input_shapes: Any) -> tuple[Any, ...]:
@@ -318,13 +332,18 @@ def _shape_key(model: onnx.ModelProto, digest: str, input_shapes: Any) -> tuple[
 
 # --------------------------------------------------------------------------- shapes
 
+_fingerprint = fingerprint  # `infer_shapes` has a parameter of that name
+
 #: Shape-inference results by model state (see `infer_shapes`), most recent last.
 _SHAPES: OrderedDict[tuple[Any, ...], dict[str, TensorInfo]] = OrderedDict()
 _SHAPES_KEPT = 8
 
 
 def infer_shapes(
-    source: Any, input_shapes: Mapping[str, Sequence[int]] | None = None
+    source: Any,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    fingerprint: str | None = None,
 ) -> dict[str, TensorInfo]:
     """Every tensor's `TensorInfo` (name, dtype name, shape) of a ModelProto or gs.Graph.
 
@@ -338,12 +357,18 @@ def infer_shapes(
 
     Results are cached by model state (`fingerprint` plus the declared interface and
     opsets): asking again for an unchanged model, or for a graph imported from it, does
-    not infer again. A `TensorInfo` also unpacks as `(shape, numpy dtype or None)`.
+    not infer again. `fingerprint`: the ModelProto's `fingerprint()`, when the caller has
+    it (saves hashing the model again). A `TensorInfo` also unpacks as
+    `(shape, numpy dtype or None)`.
     """
     from onnxslim_edge.analysis import shapes as _shapes
 
-    model = source if isinstance(source, onnx.ModelProto) else export_graph(source)
-    key = _shape_key(model, fingerprint(model), input_shapes)
+    if isinstance(source, onnx.ModelProto):
+        model = source
+    else:
+        model, fingerprint = export_graph(source), None
+    digest = fingerprint if fingerprint is not None else _fingerprint(model)
+    key = _shape_key(model, digest, input_shapes)
     hit = _SHAPES.get(key)
     if hit is not None:
         _SHAPES.move_to_end(key)

@@ -355,7 +355,10 @@ def count_macs(node: onnx.NodeProto, shapes: Mapping[str, Sequence[Dim] | None])
 
 
 def model_cost(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    fingerprint: str | None = None,
 ) -> ModelCost:
     """Cost of `model`'s main graph; see the module docstring for what is counted.
 
@@ -366,9 +369,10 @@ def model_cost(
     are not counted.
     `sparsity` is the fraction of exactly-zero elements over float weights of rank >= 2.
     `input_shapes` fixes symbolic input dims (ONNX Runtime may run once, see
-    `infer_shapes`); raises DataError when they do not fit the model.
+    `infer_shapes`); raises DataError when they do not fit the model. `fingerprint`
+    (`graph.fingerprint(model)`, when the caller has it) saves computing it again.
     """
-    infos: dict[str, TensorInfo] = infer_shapes(model, input_shapes)
+    infos: dict[str, TensorInfo] = infer_shapes(model, input_shapes, fingerprint=fingerprint)
     shapes = {name: info.shape for name, info in infos.items()}
     weights = _weights(model)
 

@@ -52,8 +52,9 @@ class PruneChannelsConfig:
       across all groups, until MACs / parameters shrank by this fraction.
     - `importance`: "l1" / "l2" (filter norm), "bn_gamma", "activation" (needs
       Context.data); `aggregate` combines the scores of coupled layers.
-    - `round_to`: channel counts stay multiples of this (None: the target's, 8 for
-      tensorrt, 1 for onnxruntime-cpu); `min_channels`: never fewer per block.
+    - `round_to`: channel counts stay multiples of this (None: the target's
+      `Target.round_to`, 8 for tensorrt, 16 for onnxruntime-cpu); `min_channels`: never
+      fewer per block.
     - `mode`: "remove" slices the channels out; "zero" only masks them (same shapes).
     - `exclude_nodes`: node names whose groups stay untouched.
     - `max_samples`: calibration samples for importance="activation".
