@@ -7,7 +7,7 @@ shapes replace the graph inputs' symbolic dims first. If some tensor's shape is 
 not concrete afterwards and concrete input shapes are known (from `input_shapes`, or
 because every graph input is static), one ONNX Runtime session runs on a copy of the
 model with every intermediate tensor exposed as an output, fed ones (floats) and zeros
-(integers), and the shapes it returns win. When ONNX inference already gives every
+(integers), and its shapes fill what ONNX left open When ONNX inference already gives every
 shape, no session is started: the answer would be the same, only slower.
 
 Shapes are tuples of dims: `int` for a known size, `str` for a symbolic `dim_param` of
@@ -423,5 +423,7 @@ def infer_model_shapes(
     log.debug("running ONNX Runtime for %d tensors without a concrete shape", len(pending))
     # Warn when the caller asked for concrete shapes; otherwise this is best effort.
     level = logging.WARNING if input_shapes is not None else logging.INFO
-    infos.update(_runtime_shapes(work, exposed, concrete, level))
+    for name, info in _runtime_shapes(work, exposed, concrete, level).items():
+        if name not in infos or not infos[name].is_static:  # what ONNX left open
+            infos[name] = info
     return infos

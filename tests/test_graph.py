@@ -1,0 +1,150 @@
+"""The graph toolkit: constants, names, uses, one cached shape inference, exposing
+sessions, the IR clamp, and the fingerprint behind `modified`."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.shape_inference
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_edge.graph import (
+    clamp_ir,
+    clear_shapes_cache,
+    const_value,
+    export_graph,
+    exposing_session,
+    fingerprint,
+    graph_from_model,
+    infer_shapes,
+    model_from_graph,
+    replace_uses,
+    unique_name,
+)
+
+
+def _model(ir: int = 8) -> onnx.ModelProto:
+    """x[2,3] + Constant(value_floats) -> Identity -> Relu -> y; w an initializer."""
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value_floats=[1.0, 2.0, 3.0]),
+        helper.make_node("Constant", [], ["s"], value_int=7),
+        helper.make_node("Identity", ["w"], ["w_id"]),
+        helper.make_node("Add", ["x", "k"], ["a"], name="add"),
+        helper.make_node("Mul", ["a", "w_id"], ["m"], name="mul"),
+        helper.make_node("Relu", ["m"], ["y"], name="relu"),
+    ]
+    w = numpy_helper.from_array(np.full((2, 3), 0.5, np.float32), "w")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = ir
+    return model
+
+
+def test_const_value_reads_initializers_constant_nodes_and_identity_chains() -> None:
+    graph = gs.import_onnx(_model())
+    t = graph.tensors()
+    np.testing.assert_array_equal(const_value(t["k"]), np.array([1, 2, 3], np.float32))
+    assert const_value(t["k"]).dtype == np.float32
+    assert const_value(t["s"]).dtype == np.int64 and int(const_value(t["s"])) == 7
+    np.testing.assert_array_equal(const_value(t["w_id"]), np.full((2, 3), 0.5, np.float32))
+    assert const_value(t["x"]) is None and const_value(t["a"]) is None
+    assert const_value(None) is None
+
+
+def test_unique_name_and_replace_uses() -> None:
+    graph = gs.import_onnx(_model())
+    assert unique_name(graph, "fresh") == "fresh"
+    taken: set[str] = set()
+    assert [unique_name(graph, "a", taken), unique_name(graph, "a", taken)] == ["a", "a_1"]
+    t = graph.tensors()
+    assert replace_uses(t["a"], t["x"]) == 1
+    assert graph.nodes[-2].inputs[0] is t["x"]  # Mul reads x now
+
+
+def test_infer_shapes_on_a_model_or_its_graph_is_one_cached_answer(monkeypatch) -> None:
+    calls = []
+    real = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(
+        onnx.shape_inference, "infer_shapes", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    clear_shapes_cache()
+    model = _model()
+    infos = infer_shapes(model)
+    assert infos["m"].shape == (2, 3) and infos["m"].dtype == "float32"
+    shape, dtype = infos["a"]  # unpacks as (shape, numpy dtype)
+    assert shape == (2, 3) and dtype == np.float32
+    assert infer_shapes(gs.import_onnx(model)) == infos  # the same state: no new inference
+    assert len(calls) == 1
+    changed = _model()
+    changed.graph.node[3].op_type = "Sub"
+    infer_shapes(changed)
+    assert len(calls) == 2  # another state: inferred again
+    infer_shapes(changed)
+    assert len(calls) == 2  # cached too
+    assert infer_shapes(model, {"x": (2, 3)})["y"].shape == (2, 3)
+    assert len(calls) == 3
+
+
+def test_measured_shapes_are_marked() -> None:
+    """Reshape to a shape computed through float arithmetic: ONNX cannot follow it, one
+    ONNX Runtime run measures it (and says so)."""
+    scale = numpy_helper.from_array(np.array([1, 1], np.float32), "scale")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["sf", "scale"], ["sm"]),
+        helper.make_node("Cast", ["sm"], ["si"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["x", "si"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [scale],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    clear_shapes_cache()
+    infos = infer_shapes(model)
+    assert infos["y"].shape == (2, 3) and infos["y"].measured
+    assert not infos["s"].measured
+
+
+def test_exposing_session_returns_intermediates_without_changing_the_model() -> None:
+    model = _model()
+    before = model.SerializeToString()
+    session = exposing_session(model, ["a", "m"], types={"a": TensorProto.FLOAT})
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["y", "a", "m"]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    y, a, m = session.run(names, {"x": x})
+    np.testing.assert_allclose(a, x + np.array([1, 2, 3], np.float32))
+    np.testing.assert_allclose(m, a * 0.5)
+    np.testing.assert_allclose(y, np.maximum(m, 0))
+    assert model.SerializeToString() == before
+
+
+def test_clamp_ir_and_the_export_round_trip() -> None:
+    model = _model(ir=11)
+    assert clamp_ir(model) is model and model.ir_version <= 10
+    out = model_from_graph(graph_from_model(_model(ir=8)), _model(ir=8))
+    assert out.ir_version == 8  # the input's IR kept: opset 13 needs no higher one
+
+
+def test_fingerprint_sees_values_not_storage() -> None:
+    model = _model()
+    same = export_graph(graph_from_model(model))  # gs round trip
+    assert same.SerializeToString() != model.SerializeToString()
+    assert fingerprint(same) == fingerprint(model)
+    other = _model()
+    other.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.full((2, 3), 0.25, np.float32), "w")
+    )
+    assert fingerprint(other) != fingerprint(model)
