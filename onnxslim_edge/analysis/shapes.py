@@ -7,8 +7,9 @@ shapes replace the graph inputs' symbolic dims first. If some tensor's shape is 
 not concrete afterwards and concrete input shapes are known (from `input_shapes`, or
 because every graph input is static), one ONNX Runtime session runs on a copy of the
 model with every intermediate tensor exposed as an output, fed ones (floats) and zeros
-(integers), and its shapes fill what ONNX left open When ONNX inference already gives every
-shape, no session is started: the answer would be the same, only slower.
+(integers), and its shapes fill what ONNX left open (`TensorInfo.measured`). When ONNX
+inference already gives every shape, no session is started: the answer would be the
+same, only slower.
 
 Shapes are tuples of dims: `int` for a known size, `str` for a symbolic `dim_param` of
 the model, `None` for an unknown size (including the `unk__N` names that ONNX
