@@ -15,8 +15,9 @@ Memory does not grow with the number of samples: `.npy` data is read from the fi
 from the possibly compressed zip member of an `.npz`) a batch of rows at a time, after
 parsing numpy's `.npy` header; nothing is ever unpickled. Data is checked against the
 model (missing or extra inputs, ranks, fixed dims, dtypes) and cast to the dtype each
-input wants; a lossy cast (float to int) is refused. Problems raise `DataError` with one
-line naming the file and the cause.
+input wants; a lossy cast (float to int) is refused, and so are NaN and infinity in any
+sample used and data without samples. Problems raise `DataError` with one line naming
+the file (or feed), the array, the sample where it applies, and the cause.
 
 This package file only re-exports the public API. The modules: `specs` (model inputs
 and the checks against them), `npz` (`.npz`/`.npy` streaming and folders of them),

@@ -9,6 +9,7 @@ Pillow is imported only when an image is read.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ class ImagePreprocess:
                 raise ConfigError(
                     f"preprocess: {key} has {len(value)} values for {n} channel(s) ({self.channels})"
                 )
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if not all(math.isfinite(v) for v in value):
+                shown = "|".join(f"{v:g}" for v in value)
+                raise ConfigError(f"preprocess: {key}={shown} is not finite")
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"preprocess: scale={self.scale:g} is not finite")
         if any(s == 0 for s in self.std):
             raise ConfigError("preprocess: std must not be 0")
         try:

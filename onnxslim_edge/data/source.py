@@ -2,7 +2,8 @@
 
 Owns batching: chunks from any reader are checked and cast against the model, cut and
 joined into batches of `batch_size` (or the batch the model fixes), bounded by `limit`,
-with a new batch started where sample shapes change. `open_data` dispatches on what
+with a new batch started where sample shapes change; every sample used is checked to be
+finite, and a source without samples is refused. `open_data` dispatches on what
 the user gives (a DataSource, a path to an `.npz`/`.npy`, a folder of them or of
 images, Python feed dicts or a callable returning them, or "random") to `npz`,
 `images` or `synthetic`.
@@ -85,6 +86,14 @@ class DataSource:
             log.info(
                 "inputs fix the batch dimension to %d; batching by %d", self._fixed, self._fixed
             )
+        if self._total is not None and not synthetic:
+            if self._total == 0:
+                raise DataError(f"{description}: holds no samples")
+            if self._fixed and self.num_samples == 0:
+                raise DataError(
+                    f"{description}: {min(self._total, limit or self._total)} sample(s), fewer "
+                    f"than the batch of {self._fixed} the model fixes; nothing to feed"
+                )
 
     # -- public
 
@@ -118,7 +127,10 @@ class DataSource:
         assert self._chunks is not None
         parts: list[Feed] = []
         pending = emitted = 0
+        last_origin, offset = None, 0  # samples of `origin` before this chunk
         for origin, chunk in self._chunks():
+            if origin != last_origin:
+                last_origin, offset = origin, 0
             n = self._prepare(origin, chunk)
             if parts and chunk.keys() != parts[0].keys():
                 raise DataError(
@@ -143,24 +155,35 @@ class DataSource:
                 if room <= 0:
                     break
                 take = min(room, n - start)
-                parts.append({k: v[start : start + take] for k, v in chunk.items()})
+                part = {k: v[start : start + take] for k, v in chunk.items()}
+                for name, arr in part.items():
+                    _check_finite(origin, name, arr, offset + start)
+                parts.append(part)
                 pending += take
                 start += take
                 if pending == batch:
                     yield pending, self._join(parts)
                     emitted += pending
                     parts, pending = [], 0
+            offset += n
             if limit is not None and emitted + pending >= limit:
                 break
         if pending:
-            if self._fixed:
-                log.warning(
-                    "dropping the last %d sample(s): the model fixes the batch to %d",
-                    pending,
-                    self._fixed,
-                )
-            else:
+            if not self._fixed:
                 yield pending, self._join(parts)
+                return
+            if not emitted:
+                raise DataError(
+                    f"{self._description}: {pending} sample(s), fewer than the batch of "
+                    f"{self._fixed} the model fixes; nothing to feed"
+                )
+            log.warning(
+                "dropping the last %d sample(s): the model fixes the batch to %d",
+                pending,
+                self._fixed,
+            )
+        elif not emitted:
+            raise DataError(f"{self._description}: holds no samples")
 
     def with_options(
         self,
@@ -226,6 +249,26 @@ class DataSource:
                 arr = arr.reshape(())
             out[name] = arr
         return out
+
+
+def _check_finite(origin: str, name: str, arr: np.ndarray, first: int) -> None:
+    """Refuse NaN and infinity: they would poison every statistic computed from the data.
+
+    `arr` holds samples `first, first + 1, ...` of `origin`; the error names the first
+    sample that is not finite.
+    """
+    if arr.dtype.kind not in "fc" or not arr.size:
+        return
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    bad = ~finite.reshape(finite.shape[0], -1).all(axis=1)
+    i = int(np.argmax(bad))
+    what = "NaN" if np.isnan(arr[i]).any() else "infinity"
+    raise DataError(
+        f"{origin}: array '{name}' holds {what} at sample {first + i} (counting from 0); "
+        "calibration and evaluation data must be finite"
+    )
 
 
 def _shapes(feed: Feed) -> dict[str, tuple[int, ...]]:

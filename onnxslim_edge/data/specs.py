@@ -155,7 +155,8 @@ def _cast(origin: str, name: str, arr: np.ndarray, want: np.dtype | None) -> np.
             raise DataError(f"{origin}: array '{name}' is complex but input '{name}' takes {want}")
     elif want.kind != "c":
         raise DataError(f"{origin}: input '{name}' takes {want}, which data readers do not support")
-    return arr.astype(want)
+    with np.errstate(over="ignore"):  # values beyond `want`'s range become inf: refused later
+        return arr.astype(want)
 
 
 def _feedable(model: onnx.ModelProto) -> list[_InputSpec]:
