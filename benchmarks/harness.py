@@ -81,13 +81,13 @@ def prefer_installed_package() -> None:
     """Let an installed `onnxslim_edge` win over the source folder; call before importing it.
 
     `python -m benchmarks.run` (or `.scaling`) from the repository root puts the root
-    first on `sys.path`, so `import onnxslim_edge` would find the source folder, and
-    there `passes/` is not `onnxslim_edge/passes/`: only an install (wheel or strict
-    editable, `scripts/_venv.sh`) maps it into the package, with the metadata the pass
-    registry reads. When an installed copy is found elsewhere on the path, the root
-    moves to the end: `onnxslim_edge` then imports from the install and `benchmarks`
-    (never installed) still from the root. Spawned method children inherit the
-    reordered path (and call this again). Without an installed copy nothing changes.
+    first on `sys.path`, so `import onnxslim_edge` would find the source folder, where
+    `passes/` sits beside the package instead of inside it; an install (wheel or strict
+    editable, `scripts/_venv.sh`) maps it to `onnxslim_edge.passes`. When an installed
+    copy is found elsewhere on the path, the root moves to the end: `onnxslim_edge`
+    then imports from the install, the code users get, and `benchmarks` (never
+    installed) still from the root. Spawned method children inherit the reordered path
+    (and call this again). Without an installed copy nothing changes.
     """
     import importlib.machinery
     import sys

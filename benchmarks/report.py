@@ -6,9 +6,10 @@ reads every `<model>.json` (written by `benchmarks.run`), `scaling.json` (writte
 in the results folder and writes:
 
 - RESULTS.md: the pruning summary (MACs removed against latency saved, issue 4) and
-  the int8 summary (ours against ONNX Runtime's quantize_static with the issue's targets
-  (`benchmarks.specs.TARGETS`), met or missed by how much, and the calibration-memory check; issue 5), one table per model (size, params, MACs, nodes, latency at batch 1 and
-  8 in ms and as a ratio to the fp32 model, fidelity, the method's own wall time and
+  the int8 summary (ours against ONNX Runtime's quantize_static with the targets of
+  `benchmarks.specs`, met or missed by how much, and the calibration-memory check;
+  issue 5), one table per model (size, params, MACs, nodes, latency at batch 1 and 8
+  in ms and as a ratio to the fp32 model, fidelity, the method's own wall time and
   peak memory), our recipes' ratios against the best peer, the commit and machine each
   model was measured on, how it was measured, and the scaling benchmark's table;
 - `size_vs_fidelity.png`, `latency_vs_fidelity.png` and `scaling.png` (matplotlib, Agg

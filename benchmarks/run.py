@@ -1,9 +1,9 @@
 """Run the benchmark: `python -m benchmarks.run [--models a,b] [--quick] [--out DIR]`.
 
 For each model (default: all of `benchmarks.specs.MODEL_NAMES`) every method of
-`benchmarks.methods` runs and is measured (see `benchmarks.harness`); the results go to `<out>/<model>.json`, then
-RESULTS.md and the plots are regenerated from every JSON in `<out>` (see
-`benchmarks.report`). A model whose data or weights cannot be prepared (e.g. a missing
+`benchmarks.methods` runs and is measured (see `benchmarks.harness`); the results go
+to `<out>/<model>.json`, then RESULTS.md and the plots are regenerated from every JSON
+in `<out>` (see `benchmarks.report`). A model whose data or weights cannot be prepared (e.g. a missing
 optional package) is skipped with a message; the exit status is 1 when any was skipped.
 """
 
