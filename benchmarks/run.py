@@ -1,9 +1,9 @@
 """Run the benchmark: `python -m benchmarks.run [--models a,b] [--quick] [--out DIR]`.
 
-For each model (default: all of `benchmarks.harness.MODEL_NAMES`) every method runs and
-is measured (see `benchmarks.harness`); the results go to `<out>/<model>.json`, then
-RESULTS.md and the plots are regenerated from every JSON in `<out>` (see
-`benchmarks.report`). A model whose data or weights cannot be prepared (e.g. a missing
+For each model (default: all of `benchmarks.specs.MODEL_NAMES`) every method of
+`benchmarks.methods` runs and is measured (see `benchmarks.harness`); the results go
+to `<out>/<model>.json`, then RESULTS.md and the plots are regenerated from every JSON
+in `<out>` (see `benchmarks.report`). A model whose data or weights cannot be prepared (e.g. a missing
 optional package) is skipped with a message; the exit status is 1 when any was skipped.
 """
 
@@ -32,7 +32,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    from benchmarks.harness import MODEL_NAMES, method_names
+    from benchmarks.methods import method_names
+    from benchmarks.specs import MODEL_NAMES
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
@@ -77,19 +78,20 @@ def run(
     plots: bool = True,
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Benchmark `models` into `out`; return (model -> JSON path, model -> why skipped)."""
-    from benchmarks import harness, report
+    from benchmarks import harness, report, specs
+    from benchmarks import methods as bench_methods
     from onnxslim_edge.errors import ConfigError
 
-    unknown = [m for m in models if m not in harness.MODEL_NAMES]
+    unknown = [m for m in models if m not in specs.MODEL_NAMES]
     if unknown:
         raise ConfigError(
-            f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(harness.MODEL_NAMES)}"
+            f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(specs.MODEL_NAMES)}"
         )
     if methods is not None:
-        bad = [m for m in methods if m not in harness.method_names()]
+        bad = [m for m in methods if m not in bench_methods.method_names()]
         if bad:
             raise ConfigError(
-                f"unknown method(s) {', '.join(bad)}; valid: {', '.join(harness.method_names())}"
+                f"unknown method(s) {', '.join(bad)}; valid: {', '.join(bench_methods.method_names())}"
             )
     overrides = {} if runs is None else {"runs": runs}
     if methods is not None:
@@ -105,7 +107,7 @@ def run(
     for name in models:
         t0 = time.perf_counter()
         try:
-            spec = harness.build_spec(name, settings)
+            spec = specs.build_spec(name, settings)
         except Exception as exc:  # missing optional packages, no cached wheel and no network
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             skipped[name] = f"{type(exc).__name__}: {first}"
@@ -116,7 +118,7 @@ def run(
             result = harness.run_model(spec, settings, workdir)
         finally:
             harness.cleanup_workdir(workdir)
-        if methods is None and name in harness.CALIBRATION_MEMORY_MODELS:
+        if methods is None and name in specs.CALIBRATION_MEMORY_MODELS:
             workdir = harness.default_workdir()
             try:
                 result["calibration_memory"] = harness.calibration_memory(name, settings, workdir)

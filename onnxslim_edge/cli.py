@@ -69,6 +69,7 @@ def _data(spec: str | None, model: Any, args: argparse.Namespace, *, batch_size:
         limit=args.samples,
         preprocess=preprocess,
         input_shapes=args.input_shape,
+        seed=args.seed,
     )
 
 

@@ -16,12 +16,21 @@ from typing import Any
 
 import onnx
 
-from onnxslim_edge.errors import InvalidModelError, UnsupportedError, first_line
+from onnxslim_edge.errors import ConfigError, InvalidModelError, UnsupportedError, first_line
 from onnxslim_edge.model import PROTOBUF_LIMIT, lower_ir_version, model_bytes, model_on_disk
 
-__all__ = ["make_session", "ort_log_severity", "serialized", "set_ort_log_severity"]
+__all__ = [
+    "OPTIMIZATION_LEVELS",
+    "make_session",
+    "ort_log_severity",
+    "serialized",
+    "set_ort_log_severity",
+]
 
 log = logging.getLogger(__name__)
+
+#: `make_session(optimization=...)` values, from none to every graph optimization.
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 #: ONNX Runtime's default logger severity as last set here (ORT has no getter): 2 = warnings.
 _ORT_SEVERITY = 2
@@ -73,9 +82,13 @@ def make_session(
 
     `spinning=False` stops idle threads busy-waiting, which otherwise inflates times
     about 3x when sessions alternate on few cores. `optimization` is one of
-    "disable", "basic", "extended", "all". Raises UnsupportedError naming ONNX
-    Runtime's reason when it refuses the model.
+    `OPTIMIZATION_LEVELS` (else ConfigError). Raises InvalidModelError for a missing
+    file and UnsupportedError naming ONNX Runtime's reason when it refuses the model.
     """
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ConfigError(
+            f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, not {optimization!r}"
+        )
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

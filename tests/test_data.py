@@ -438,3 +438,93 @@ def test_negative_dim_value_is_dynamic() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     batches = list(open_data("random", model, batch_size=2, limit=5))
     assert [b["x"].shape for b in batches] == [(2, 3), (2, 3), (1, 3)]
+
+
+# --------------------------------------------------------------------------- bad numbers
+
+
+def test_nan_in_npz_is_refused_naming_the_array_and_sample(tmp_path):
+    x = np.zeros((9, 3, 4), np.float32)
+    x[5, 1, 2] = np.nan
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x, ids=np.zeros((9, 5), np.int64))
+    ds = open_data(path, TWO, batch_size=2)  # headers are fine: the check is on the values
+    with pytest.raises(DataError) as info:
+        list(ds)
+    assert str(info.value) == (
+        f"{path}: array 'x' holds NaN at sample 5 (counting from 0); calibration and "
+        "evaluation data must be finite"
+    )
+    # a limit that stops before the bad sample reads only good samples
+    assert sum(len(b["x"]) for b in open_data(path, TWO, batch_size=2, limit=5)) == 5
+
+
+def test_inf_in_feed_dicts_and_overflowing_casts_are_refused():
+    good = {"x": np.zeros((2, 3, 4), np.float32), "ids": np.zeros((2, 5), np.int64)}
+    bad = {"x": np.zeros((2, 3, 4), np.float32), "ids": np.zeros((2, 5), np.int64)}
+    bad["x"][1, 0, 0] = -np.inf
+    with pytest.raises(DataError, match=r"^feed #2: array 'x' holds infinity at sample 1 "):
+        list(open_data([good, bad], TWO, batch_size=4))
+    # float64 values beyond float32's range become inf in the model's dtype: refused too
+    huge = {"x": np.full((1, 3, 4), 1e300), "ids": np.zeros((1, 5), np.int64)}
+    with pytest.raises(DataError, match=r"^feed #1: array 'x' holds infinity at sample 0 "):
+        list(open_data([huge], TWO))
+
+
+def test_nan_in_npy_folder_names_the_file(tmp_path):
+    model = _model({"x": (TensorProto.FLOAT, ("N", 2))})
+    np.save(tmp_path / "a.npy", np.ones((3, 2), np.float32))
+    b = np.ones((4, 2), np.float32)
+    b[2, 1] = np.nan
+    np.save(tmp_path / "b.npy", b)
+    with pytest.raises(DataError) as info:
+        list(open_data(tmp_path, model, batch_size=3))
+    # sample numbers count within each file
+    assert str(info.value).startswith(f"{tmp_path / 'b.npy'}: array 'x' holds NaN at sample 2 ")
+
+
+def test_data_with_no_samples_is_refused(tmp_path):
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x=np.zeros((0, 3, 4), np.float32), ids=np.zeros((0, 5), np.int64))
+    with pytest.raises(DataError, match=r"empty\.npz: holds no samples$"):
+        open_data(empty, TWO)
+    ds = open_data([], TWO)  # an iterable's length is known only once iterated
+    with pytest.raises(DataError, match=r"^Python list: holds no samples$"):
+        list(ds)
+    fixed = _model({"x": (TensorProto.FLOAT, (4, 2))})
+    short = tmp_path / "short.npz"
+    np.savez(short, x=np.ones((3, 2), np.float32))
+    with pytest.raises(
+        DataError, match=r"short\.npz: 3 sample\(s\), fewer than the batch of 4 the model fixes"
+    ):
+        open_data(short, fixed)
+    with pytest.raises(DataError, match=r"^Python list: 3 sample\(s\), fewer than the batch of 4"):
+        list(open_data([{"x": np.ones((3, 2), np.float32)}], fixed))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("8x8,mean=nan", "preprocess: mean=nan|nan|nan is not finite"),
+        ("8x8,mean=0.5|inf|0.5", "preprocess: mean=0.5|inf|0.5 is not finite"),
+        ("8x8,std=inf", "preprocess: std=inf|inf|inf is not finite"),
+        ("8x8,std=0", "preprocess: std must not be 0"),
+        ("8x8,scale=nan", "preprocess: scale=nan is not finite"),
+    ],
+)
+def test_preprocess_refuses_bad_numbers(text, message):
+    with pytest.raises(ConfigError) as info:
+        parse_preprocess(text)
+    assert str(info.value) == message
+
+
+def test_random_data_honours_the_seed(caplog):
+    model = _model({"x": (TensorProto.FLOAT, ("N", 3))})
+    with caplog.at_level(logging.WARNING, logger="onnxslim_edge.data"):
+        seven = list(open_data("random", model, seed=7, limit=4))
+    assert "seed 7" in caplog.text and "seed 0" not in caplog.text
+    zero = list(open_data("random", model, seed=0, limit=4))
+    again = list(open_data("random", model, seed=7, limit=4))
+    assert not np.array_equal(_concat(seven, "x"), _concat(zero, "x"))
+    np.testing.assert_array_equal(_concat(seven, "x"), _concat(again, "x"))
+    assert "random data (seed 7)" in open_data("random", model, seed=7).describe()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import harness, report, scaling
+from benchmarks import methods as bench_methods
 from benchmarks import run as bench_run
 
 _HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -31,10 +32,10 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def test_every_method_has_every_metric(digits_run: tuple[dict, Path]) -> None:
     data, _ = digits_run
     methods = data["methods"]
-    assert list(methods) == harness.method_names("digits")
+    assert list(methods) == bench_methods.method_names("digits")
     assert "ours-int8-ort" in methods and "ours-int8-trt" in methods
     assert not any(name.startswith("ours-prune") for name in methods)  # not run on digits
-    assert set(harness.method_names()) - set(methods) == {
+    assert set(bench_methods.method_names()) - set(methods) == {
         "ours-prune20",
         "ours-prune30",
         "ours-prune50",
@@ -46,7 +47,7 @@ def test_every_method_has_every_metric(digits_run: tuple[dict, Path]) -> None:
     }
     assert "ours-int8-ort-bc" in methods
     for name, e in methods.items():
-        spec = next(m for m in harness.METHODS if m.name == name)
+        spec = next(m for m in bench_methods.METHODS if m.name == name)
         if any(importlib.util.find_spec(mod.partition(".")[0]) is None for mod in spec.requires):
             assert e["status"] == "unavailable", name
             assert "not installed" in e["error"]

@@ -1,0 +1,90 @@
+"""ONNX Runtime sessions: IR lowering on a copy-free basis, session options, typed errors."""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_edge import runtime
+from onnxslim_edge.errors import ConfigError, InvalidModelError, UnsupportedError
+from onnxslim_edge.runtime import make_session, serialized
+
+W = np.arange(6, dtype=np.float32).reshape(3, 2) / 4
+
+
+def _model(ir_version: int = 12) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        initializer=[numpy_helper.from_array(W, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = ir_version
+    return model
+
+
+def test_serialized_lowers_the_ir_without_changing_the_model():
+    model = _model(ir_version=12)  # ONNX Runtime 1.19 refuses IR > 10
+    data = serialized(model)
+    back = onnx.load_from_string(data)
+    assert back.ir_version == helper.find_min_ir_version_for(list(model.opset_import)) <= 10
+    assert model.ir_version == 12
+    back.ir_version = 12
+    assert back == model  # nothing else differs
+
+
+def test_session_runs_a_high_ir_model_and_computes_it():
+    x = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], np.float32)
+    (y,) = make_session(_model(ir_version=12), threads=1).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ W, rtol=1e-6)
+
+
+def test_session_options_are_set_as_asked():
+    sess = make_session(_model(), threads=3, optimization="basic")
+    opts = sess.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (3, 1)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    import onnxruntime as ort
+
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    spin = make_session(_model(), spinning=True, optimization="disable").get_session_options()
+    assert spin.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert spin.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_large_model_goes_through_a_temporary_file_that_is_removed(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 1)  # every model counts as "over 2 GB"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x = np.ones((1, 3), np.float32)
+    (y,) = make_session(_model()).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ W, rtol=1e-6)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_session_from_a_path(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(serialized(_model()))
+    assert [o.name for o in make_session(path).get_outputs()] == ["y"]
+
+
+def test_errors_are_typed_and_name_the_cause(tmp_path):
+    with pytest.raises(InvalidModelError, match=r"m\.onnx: model file not found$"):
+        make_session(tmp_path / "m.onnx")
+    with pytest.raises(ConfigError) as info:
+        make_session(_model(), optimization="max")
+    assert str(info.value) == (
+        "optimization must be one of disable, basic, extended, all, not 'max'"
+    )
+    broken = _model()
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(UnsupportedError, match=r"^ONNX Runtime cannot load the model: "):
+        make_session(broken)
