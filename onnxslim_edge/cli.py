@@ -210,9 +210,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_lint(args: argparse.Namespace) -> int:
     """TensorRT Q/DQ placement rules and, with --nm, the N:M sparsity pattern."""
+    from onnxslim_edge.analysis.qdq_lint import format_violations, lint_qdq
+    from onnxslim_edge.analysis.sparsity_nm import check_nm, format_nm_results
     from onnxslim_edge.model import load_model
-    from onnxslim_edge.passes.prune.nm import check_nm, format_nm_results
-    from onnxslim_edge.passes.quantize.lint import format_violations, lint_qdq
 
     model = load_model(args.model)
     violations = lint_qdq(model)

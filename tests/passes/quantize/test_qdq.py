@@ -583,8 +583,8 @@ _OTHER_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
 def test_rest_of_the_corpus_quantizes_or_skips_cleanly(case):
     """Every other corpus model ONNX Runtime runs: quantized (lint-clean for TensorRT) or
     left alone with reasons, never broken. Calibrated on the case's own inputs."""
+    from onnxslim_edge.analysis.qdq_lint import lint_qdq
     from onnxslim_edge.errors import UnsupportedError
-    from onnxslim_edge.passes.quantize.lint import lint_qdq
 
     if case.skip_reason():
         pytest.skip(case.skip_reason())
