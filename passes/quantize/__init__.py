@@ -2,7 +2,9 @@
 
 - `calibrate`: streamed activation statistics (`TensorStats`, `Calibrator`), threshold
   methods (minmax, percentile, entropy, mse), scales and the JSON calibration cache.
-- `qdq`: the `quantize` pass (`Quantize`, `QuantizeConfig`): Q/DQ insertion per target.
+- `qdq`: the `quantize` pass (`Quantize`); its parts: `config` (`QuantizeConfig`),
+  `numerics` (int8 arithmetic), `placement` (where Q/DQ go per target), `ranges`
+  (range narrowing), `builder` (the graph rewrite), `quantizer` (calibrated builds).
 - `sensitivity`: `layer_sensitivity(model, data)` ranks layers by the fidelity lost when
   each is quantized alone (used by the pass's automatic fallback).
 
@@ -19,7 +21,8 @@ from onnxslim_edge.passes.quantize.calibrate import (
     save_cache,
     scale_from_amax,
 )
-from onnxslim_edge.passes.quantize.qdq import Quantize, QuantizeConfig
+from onnxslim_edge.passes.quantize.config import QuantizeConfig
+from onnxslim_edge.passes.quantize.qdq import Quantize
 from onnxslim_edge.passes.quantize.sensitivity import LayerSensitivity, layer_sensitivity
 
 __all__ = [

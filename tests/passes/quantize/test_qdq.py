@@ -18,13 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim_edge.analysis import model_cost
 from onnxslim_edge.errors import ConfigError, DataError
 from onnxslim_edge.passes.quantize import lint_qdq
-from onnxslim_edge.passes.quantize.qdq import (
-    Quantize,
-    QuantizeConfig,
-    dequantize,
-    quantize_weight,
-    weight_axis,
-)
+from onnxslim_edge.passes.quantize.numerics import dequantize, quantize_weight, weight_axis
+from onnxslim_edge.passes.quantize.qdq import Quantize, QuantizeConfig
 from onnxslim_edge.pipeline import Context, Pipeline
 from onnxslim_edge.runtime import make_session
 
@@ -649,7 +644,7 @@ def _qparams_of(model, tensor):
 def test_useful_range_rules():
     import onnx_graphsurgeon as gs
 
-    from onnxslim_edge.passes.quantize.qdq import useful_range
+    from onnxslim_edge.passes.quantize.ranges import useful_range
 
     for kind, expected in (("hardswish", (-3.0, np.inf)), ("hardsigmoid", (-2.5, 2.5))):
         model, _ = _conv_then(kind)
