@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from onnxslim_edge.errors import ConfigError
-from onnxslim_edge.passes.quantize.calibrate import METHODS
+from onnxslim_edge.passes.quantize.calibrate import threshold_method
 
 __all__ = ["QuantizeConfig", "parse_override"]
 
@@ -62,8 +62,10 @@ class QuantizeConfig:
     consumer_ranges: bool = True  # clamp ranges to what the consumers can tell apart
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"quantize.method: {self.method!r} is not one of {METHODS}")
+        try:
+            threshold_method(self.method)
+        except ConfigError as exc:
+            raise ConfigError(f"quantize.method: {exc}") from None
         if not _is_float(self.percentile) or not 0 < self.percentile <= 100:
             raise ConfigError(f"quantize.percentile: expected 0 < p <= 100, got {self.percentile}")
         for key in ("per_channel", "keep_first", "keep_last", "consumer_ranges"):

@@ -144,6 +144,8 @@ class Quantize(Pass):
             seed=ctx.seed,
         )
         quantizer.calibrate(source, tensors, progress=ctx.progress)
+        for note in quantizer.cache_notes:
+            report.warn(note)
         known = set(tensors)
         for name in quantizer.overrides:
             if name not in known:

@@ -24,10 +24,12 @@ import onnx_graphsurgeon as gs
 from onnxslim_edge.errors import ConfigError
 from onnxslim_edge.passes.quantize.builder import apply_placement
 from onnxslim_edge.passes.quantize.calibrate import (
+    METHODS,
     Calibrator,
     cache_entry,
     estimated_sqnr_db,
     load_cache,
+    method_label,
     save_cache,
 )
 from onnxslim_edge.passes.quantize.config import QuantizeConfig, parse_override
@@ -47,7 +49,50 @@ from onnxslim_edge.passes.quantize.placement import (
 from onnxslim_edge.passes.quantize.ranges import useful_range
 from onnxslim_edge.pipeline import PassReport
 
-__all__ = ["Quantizer", "prepare_float_model"]
+__all__ = ["Quantizer", "check_cache", "describe_data", "prepare_float_model"]
+
+
+def describe_data(data: Any) -> str | None:
+    """What identifies calibration data in a cache entry: the data source's description
+    without its batch size (the path or kind, and the sample count), or None."""
+    describe = getattr(data, "describe", None)
+    if describe is None:
+        return None
+    text = str(describe())
+    head, sep, _ = text.rpartition(", batch ")
+    return head if sep else text
+
+
+def check_cache(
+    path: str, cache: dict[str, dict[str, Any]], label: str, data: str | None
+) -> list[str]:
+    """Refuse (ConfigError) a calibration cache with an entry measured by another
+    threshold method than `label`, or on other data than `data`; return notes on the
+    entries used without a record of their data. Entries whose method is not a
+    threshold method (written by hand, e.g. "manual") are the user's and are used."""
+    unrecorded = []
+    for name, entry in cache.items():
+        method = str(entry["method"])
+        if method.split(":")[0] in METHODS and method != label:
+            raise ConfigError(
+                f"{path}: calibration cache entry '{name}' was measured with {method}, "
+                f"but quantize.method is {label}; delete the cache to re-calibrate, or set "
+                "the method it was made with"
+            )
+        recorded = entry.get("data")
+        if recorded is None:
+            unrecorded.append(name)
+        elif data is not None and recorded != data:
+            raise ConfigError(
+                f"{path}: calibration cache entry '{name}' was measured on {recorded}, not "
+                f"on {data}; delete the cache to re-calibrate on this data"
+            )
+    if not unrecorded:
+        return []
+    return [
+        f"calibration cache {path}: {len(unrecorded)} entr{'y' if len(unrecorded) == 1 else 'ies'} "
+        f"with no record of their data (e.g. '{unrecorded[0]}') used as they are"
+    ]
 
 
 def prepare_float_model(graph: gs.Graph) -> onnx.ModelProto:
@@ -80,6 +125,8 @@ class Quantizer:
         self.analysis = Analysis(gs.import_onnx(model))
         self.stats: dict[str, Any] = {}
         self.cache: dict[str, dict[str, Any]] = {}
+        self.cache_notes: list[str] = []
+        self.data_label: str | None = None
         self.overrides = dict(parse_override(t) for t in config.overrides)
         self._tensors = self.analysis.graph.tensors()
         self._outputs = frozenset(t.name for t in self.analysis.graph.outputs)
@@ -136,9 +183,20 @@ class Quantizer:
         return sorted(names)
 
     def calibrate(self, data: Any, tensors: list[str], *, progress: bool = False) -> None:
+        """Statistics of `tensors` on `data`, except those an existing calibration cache
+        holds. A cache entry measured with another method or on other data is refused
+        (ConfigError); one without a record of its data is used, with a note."""
+        self.data_label = describe_data(data)
         path = self.config.calibration_cache
         if path and os.path.exists(path):
-            self.cache = load_cache(path)
+            cache = load_cache(path)
+            self.cache_notes = check_cache(
+                path,
+                cache,
+                method_label(self.config.method, self.config.percentile),
+                self.data_label,
+            )
+            self.cache = cache
         todo = [t for t in tensors if t not in self.cache and t not in self.overrides]
         if todo:
             self.stats = Calibrator(self.model, todo, progress=progress).collect(data)
@@ -150,6 +208,8 @@ class Quantizer:
             lo = hi = None
             if name in self.stats and name not in self.cache:  # thresholds once per tensor
                 entry = cache_entry(self.stats[name], cfg.method, percentile=cfg.percentile)
+                if self.data_label:
+                    entry["data"] = self.data_label
                 self.cache[name] = entry
             entry = self.cache.get(name)
             if entry is not None:
