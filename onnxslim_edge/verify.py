@@ -612,11 +612,12 @@ class Evaluator:
                 ]
 
     @property
-    def samples(self) -> int:
-        """Samples scored per candidate (None until known, without a cache)."""
+    def samples(self) -> int | None:
+        """Samples scored per candidate (without a cache: None where the data's length
+        is not known before reading it)."""
         if self._cached is not None:
             return sum(count for count, _, _ in self._cached)
-        return self.source.num_samples  # type: ignore[return-value]
+        return self.source.num_samples
 
     def _reference_batches(
         self, runner: Any

@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_edge.analysis.weights import LayerWeight, reduction_groups, weight_of
+from onnxslim_edge.analysis.weights import (
+    LayerWeight,
+    check_weight_ops,
+    reduction_groups,
+    weight_of,
+)
 from onnxslim_edge.errors import ConfigError
 
 __all__ = [
@@ -63,13 +68,7 @@ def validate_pattern(name: str, n: Any, m: Any, ops: Any) -> None:
             raise ConfigError(f"{name}.{key}: expected an integer >= {minimum}, got {value!r}")
     if n >= m:
         raise ConfigError(f"{name}: n must be smaller than m, got n={n}, m={m}")
-    if not isinstance(ops, tuple) or not ops:
-        raise ConfigError(f"{name}.ops: expected a non-empty list of op types, got {ops!r}")
-    bad = [op for op in ops if op not in NM_OPS]
-    if bad:
-        raise ConfigError(
-            f"{name}.ops: unsupported {', '.join(map(str, bad))}; valid: {', '.join(NM_OPS)}"
-        )
+    check_weight_ops(name, ops, NM_OPS)
 
 
 @dataclass

@@ -4,8 +4,9 @@
 node's output, looked through Identity; with `dequantize`, the output of a
 DequantizeLinear of constants) or says why there is none; `reduction_axis` names the
 axis the layer sums over (Cin for Conv, K for Gemm/MatMul), and `reduction_groups` /
-`from_reduction_groups` view a weight as groups of consecutive entries along it. Used
-by the sparsity checker (`analysis.sparsity_nm`) and the pruning passes.
+`from_reduction_groups` view a weight as groups of consecutive entries along it, and
+`check_weight_ops` validates an `ops` option naming such layers. Used by the sparsity
+checker (`analysis.sparsity_nm`) and the pruning passes.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxslim_edge.errors import ConfigError
+
 __all__ = [
     "WEIGHT_OPS",
     "LayerWeight",
+    "check_weight_ops",
     "from_reduction_groups",
     "reduction_axis",
     "reduction_groups",
@@ -196,3 +200,14 @@ def from_reduction_groups(groups: np.ndarray, shape: Sequence[int], axis: int) -
     moved_shape = list(shape)
     moved_shape.append(moved_shape.pop(axis))
     return np.moveaxis(groups.reshape(moved_shape), -1, axis)
+
+
+def check_weight_ops(name: str, ops: Any, valid: Sequence[str]) -> None:
+    """ConfigError unless `ops` (option `name`.ops) is a non-empty tuple of `valid` op types."""
+    if not isinstance(ops, tuple) or not ops:
+        raise ConfigError(f"{name}.ops: expected a non-empty list of op types, got {ops!r}")
+    bad = [op for op in ops if op not in valid]
+    if bad:
+        raise ConfigError(
+            f"{name}.ops: unsupported {', '.join(map(str, bad))}; valid: {', '.join(valid)}"
+        )

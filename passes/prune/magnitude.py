@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_edge.analysis.weights import (
     WEIGHT_OPS,
     LayerWeight,
+    check_weight_ops,
     from_reduction_groups,
     reduction_axis,
     reduction_groups,
@@ -214,16 +215,6 @@ def zip_size(values: np.ndarray) -> int:
 _VALID_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _check_ops(name: str, ops: Any, valid: Sequence[str]) -> None:
-    if not isinstance(ops, tuple) or not ops:
-        raise ConfigError(f"{name}.ops: expected a non-empty list of op types, got {ops!r}")
-    bad = [op for op in ops if op not in valid]
-    if bad:
-        raise ConfigError(
-            f"{name}.ops: unsupported {', '.join(map(str, bad))}; valid: {', '.join(valid)}"
-        )
-
-
 def _check_names(name: str, names: Any) -> None:
     if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"{name}.exclude_nodes: expected a list of node names, got {names!r}")
@@ -272,7 +263,7 @@ class PruneMagnitudeConfig:
             raise ConfigError(f"{name}.scope: {self.scope!r} is not one of 'layer', 'global'")
         _check_count(f"{name}.group_size", self.group_size, 1)
         _check_count(f"{name}.min_params", self.min_params, 0)
-        _check_ops(name, self.ops, _VALID_OPS)
+        check_weight_ops(name, self.ops, _VALID_OPS)
         _check_names(name, self.exclude_nodes)
         if not isinstance(self.measure_zip, bool):
             raise ConfigError(f"{name}.measure_zip: expected true/false, got {self.measure_zip!r}")
