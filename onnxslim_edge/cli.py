@@ -3,7 +3,7 @@
     inspect MODEL                 -> analysis.model_cost / analysis.io_info
     optimize MODEL -o OUT ...     -> Pipeline(...).run(model, Context(...)); save_model(...)
     verify REFERENCE CANDIDATE    -> verify.compare(reference, candidate, data)
-    lint MODEL [--nm 2:4]         -> passes.quantize.lint_qdq / passes.prune.nm.check_nm
+    lint MODEL [--nm 2:4]         -> analysis.qdq_lint.lint_qdq / analysis.sparsity_nm.check_nm
     passes                        -> pipeline.available_passes / get_pass
     demo                          -> demo.run_demo()
 
@@ -211,9 +211,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_lint(args: argparse.Namespace) -> int:
     """TensorRT Q/DQ placement rules and, with --nm, the N:M sparsity pattern."""
+    from onnxslim_edge.analysis.qdq_lint import format_violations, lint_qdq
+    from onnxslim_edge.analysis.sparsity_nm import check_nm, format_nm_results
     from onnxslim_edge.model import load_model
-    from onnxslim_edge.passes.prune.nm import check_nm, format_nm_results
-    from onnxslim_edge.passes.quantize.lint import format_violations, lint_qdq
 
     model = load_model(args.model)
     violations = lint_qdq(model)

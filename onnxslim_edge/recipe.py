@@ -18,6 +18,7 @@ from onnxslim_edge.config import coerce
 from onnxslim_edge.context import get_target
 from onnxslim_edge.errors import ConfigError
 from onnxslim_edge.registry import create_pass
+from onnxslim_edge.verify import FLOOR_KEYS  # the one list of floors (re-exported)
 
 __all__ = ["FLOOR_KEYS", "Recipe", "load_recipe"]
 
@@ -27,10 +28,6 @@ class Recipe:
     passes: tuple[Pass, ...]
     target: str = "tensorrt"
     floors: Mapping[str, float] = field(default_factory=dict)
-
-
-#: Fidelity floors a recipe may demand ([verify] table), checked on the final model.
-FLOOR_KEYS = ("min_top1_agreement", "min_cosine", "min_sqnr_db", "max_abs_error")
 
 
 def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:

@@ -1,19 +1,36 @@
-"""Compare two models' outputs on the same inputs, through Polygraphy's ONNX Runtime runner.
+"""The fidelity engine: one way to measure a candidate model against a reference.
 
-`compare(reference, candidate, data)` runs both models batch by batch with
-`polygraphy.backend.onnxrt.OnnxrtRunner` and accumulates, per output name, error
-metrics that need no stored outputs (memory stays flat however many samples):
+`Evaluator(reference, data)` runs the reference through Polygraphy's ONNX Runtime
+runner (`polygraphy.backend.onnxrt.OnnxrtRunner`) on the data and `score(candidate)`
+runs a candidate on the same inputs, batch by batch, accumulating per output name error
+metrics that need no stored outputs, so batches may differ in shape (text lines of
+other widths, crops of other sizes):
 
 - max_abs_error, mean_abs_error, max_rel_error = max |c - r| / max(|r|, tiny);
 - cosine similarity and SQNR = 10 log10(sum r^2 / sum (r - c)^2) over all elements of
   all samples (SQNR is +inf for identical outputs; `to_dict` writes non-finite numbers
   as null);
-- for 2-D float outputs (N, classes > 1): top-1 agreement and the mean KL divergence
-  KL(softmax(r) || softmax(c));
+- for 2-D float outputs (N, classes > 1): top-1 agreement over all rows and the mean KL
+  divergence KL(softmax(r) || softmax(c)) over the rows finite in both;
+- task metrics from a callback `task(feed, reference_outputs, candidate_outputs) ->
+  {name: value}` per batch, averaged over batches weighted by their samples;
 - pass/fail: |c - r| <= atol_eff + rtol |r| at every element, atol_eff = atol
-  ("absolute") or atol * max |r| over the whole output ("range"). NaN in both at the
-  same place counts as equal, as do equal infinities; any other NaN/inf mismatch fails.
+  ("absolute") or atol * max |r| over the whole output ("range").
 
+Non-finite values, one rule everywhere: NaN in both at the same place counts as equal,
+as do equal infinities; the metrics above are taken over the elements finite in both;
+every other NaN/inf (e.g. NaN in the candidate where the reference is finite) is a
+*mismatch*, counted in `nonfinite_mismatches`: the output fails its tolerance, misses
+every fidelity floor (`FLOOR_KEYS`, `Fidelity.misses`), its rows count as top-1
+disagreements, and rankings (`Fidelity.rank_key`) put it below any finite result.
+
+With `cache=True` (the default) the evaluator keeps the reference outputs and the
+feeds of at most `max_samples` samples, for scoring many candidates (the quantize
+fallback, sensitivity ranking, held-out evaluation); with `cache=False` it keeps
+nothing and re-runs the reference beside each candidate, so memory stays flat however
+many samples (`compare`, one candidate, any amount of data).
+
+`compare(reference, candidate, data)` is `Evaluator(..., cache=False).score(candidate)`.
 Outputs missing from the candidate, shape changes and a candidate ONNX Runtime cannot
 run give a failed result with a message, not an exception.
 """
@@ -26,7 +43,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -37,12 +54,35 @@ from onnxslim_edge.data import _model_inputs, open_data
 from onnxslim_edge.errors import ConfigError, UnsupportedError, first_line
 from onnxslim_edge.model import PROTOBUF_LIMIT, ModelSource, load_model, model_bytes, model_on_disk
 
-__all__ = ["FLOOR_KEYS", "OutputMetrics", "VerifyResult", "compare"]
+__all__ = [
+    "FLOOR_KEYS",
+    "Evaluator",
+    "Fidelity",
+    "OutputMetrics",
+    "TaskMetric",
+    "VerifyResult",
+    "compare",
+]
 
 log = logging.getLogger(__name__)
 
-#: Floors `VerifyResult.check_floors` understands.
-FLOOR_KEYS = ("min_top1_agreement", "min_cosine", "min_sqnr_db", "max_abs_error")
+#: Fidelity floors `Fidelity.misses` understands: key -> (OutputMetrics attribute, label,
+#: +1 for a lower bound / -1 for an upper bound).
+_FLOORS = {
+    "min_top1_agreement": ("top1_agreement", "top-1 agreement", 1),
+    "min_cosine": ("cosine", "cosine", 1),
+    "min_sqnr_db": ("sqnr_db", "SQNR", 1),
+    "max_abs_error": ("max_abs_error", "max abs error", -1),
+}
+#: The fidelity floors a recipe, a pass or a caller may demand (the one list).
+FLOOR_KEYS = tuple(_FLOORS)
+
+#: A task metric: `task(feed, reference_outputs, candidate_outputs) -> {name: value}`
+#: for one batch; the values are averaged over batches, weighted by their samples.
+TaskMetric = Callable[
+    [Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
+    Mapping[str, float],
+]
 
 _TINY = float(np.finfo(np.float32).tiny)
 _DEFAULT_RANDOM_SAMPLES = 4
@@ -156,7 +196,10 @@ class _Accumulator:
         r = ref.astype(np.float64, copy=False)
         c = cand.astype(np.float64, copy=False)
         self.top1_rows += r.shape[0]
-        self.top1_agree += int((np.argmax(r, axis=1) == np.argmax(c, axis=1)).sum())
+        agree = np.argmax(r, axis=1) == np.argmax(c, axis=1)
+        same = (r == c) | (np.isnan(r) & np.isnan(c))
+        mismatch = ~(np.isfinite(r) & np.isfinite(c)) & ~same
+        self.top1_agree += int((agree & ~mismatch.any(axis=1)).sum())
         rows = np.isfinite(r).all(axis=1) & np.isfinite(c).all(axis=1)
         if rows.any():
             r, c = r[rows], c[rows]
@@ -219,18 +262,131 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-@dataclass
-class VerifyResult:
-    """Per-output metrics and the verdict of one comparison."""
+@dataclass(kw_only=True)
+class Fidelity:
+    """Per-output metrics of one candidate against the reference, and the floor check.
+
+    `messages` are failures of the whole comparison (the candidate cannot run, needs
+    inputs the reference does not take, no samples); `task` the task metrics' means.
+    """
 
     outputs: dict[str, OutputMetrics]
     samples: int
-    synthetic: bool
-    rtol: float
-    atol: float
-    atol_mode: str
-    data: str = ""
     messages: list[str] = field(default_factory=list)
+    task: dict[str, float] = field(default_factory=dict)
+
+    def _worst(self, attr: str, pick: Callable[..., Any]) -> float | None:
+        values = [getattr(m, attr) for m in self.outputs.values()]
+        defined = [v for v in values if v is not None]
+        return pick(defined) if defined else None
+
+    @property
+    def sqnr_db(self) -> float | None:
+        """The lowest SQNR of any output (None where no output has one)."""
+        return self._worst("sqnr_db", min)
+
+    @property
+    def cosine(self) -> float | None:
+        """The lowest cosine of any output."""
+        return self._worst("cosine", min)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """The lowest top-1 agreement of any 2-D logits output."""
+        return self._worst("top1_agreement", min)
+
+    @property
+    def kl_divergence(self) -> float | None:
+        """The largest KL divergence of any 2-D logits output."""
+        return self._worst("kl_divergence", max)
+
+    @property
+    def max_abs_error(self) -> float | None:
+        """The largest max abs error of any output."""
+        return self._worst("max_abs_error", max)
+
+    @property
+    def nonfinite_mismatches(self) -> int:
+        """NaN/inf mismatches over all outputs (see the module docstring)."""
+        return sum(m.nonfinite_mismatches for m in self.outputs.values())
+
+    @property
+    def failed(self) -> bool:
+        """True when the comparison could not be made or some output has an error or a
+        NaN/inf mismatch: every floor is missed, whatever the metrics say."""
+        return bool(self.messages) or any(
+            m.error is not None or m.nonfinite_mismatches for m in self.outputs.values()
+        )
+
+    def rank_key(self, metric: str = "sqnr_db") -> tuple[int, float]:
+        """Sort key, lowest = worst: failed candidates first, then by the worst output's
+        `metric` (sqnr_db, cosine, top1_agreement: low is bad; kl_divergence: high is
+        bad). A metric no output defines sorts last among the finite."""
+        if metric not in ("sqnr_db", "cosine", "top1_agreement", "kl_divergence"):
+            raise ConfigError(f"unknown fidelity metric {metric!r}")
+        value = getattr(self, metric)
+        if value is None:
+            return (int(not self.failed), math.inf)
+        return (int(not self.failed), -value if metric == "kl_divergence" else value)
+
+    def misses(self, floors: Mapping[str, float]) -> list[str]:
+        """Misses of fidelity floors (see FLOOR_KEYS), each applied to every output where
+        the metric is defined; empty when all are met. An output with an error or a
+        NaN/inf mismatch misses every floor."""
+        unknown = sorted(set(floors) - set(FLOOR_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown floor(s) {', '.join(unknown)}; valid: {', '.join(FLOOR_KEYS)}"
+            )
+        if not floors:
+            return []
+        misses = list(self.messages)
+        for m in self.outputs.values():
+            if m.error is not None:
+                misses.append(m.error)
+                continue
+            if m.nonfinite_mismatches:
+                misses.append(f"output '{m.name}': {m.nonfinite_mismatches} NaN/inf mismatch(es)")
+                continue
+            for key, floor in floors.items():
+                attr, label, sign = _FLOORS[key]
+                value = getattr(m, attr)
+                if value is None:
+                    continue
+                if sign > 0 and value < floor:
+                    misses.append(f"output '{m.name}': {label} {value:.6g} < floor {floor:g}")
+                elif sign < 0 and value > floor:
+                    misses.append(f"output '{m.name}': {label} {value:.6g} > limit {floor:g}")
+        return misses
+
+    def worst_metrics(self) -> dict[str, Any]:
+        """The worst output's metrics and the task metrics, JSON-safe (non-finite: null)."""
+        out: dict[str, Any] = {
+            "sqnr_db": self.sqnr_db,
+            "cosine": self.cosine,
+            "top1_agreement": self.top1_agreement,
+            "kl_divergence": self.kl_divergence,
+            "max_abs_error": self.max_abs_error,
+            "nonfinite_mismatches": self.nonfinite_mismatches,
+            "samples": self.samples,
+            **self.task,
+        }
+        return {k: _finite_or_none(v) for k, v in out.items()}
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass(kw_only=True)
+class VerifyResult(Fidelity):
+    """Per-output metrics and the verdict of one comparison at stated tolerances."""
+
+    synthetic: bool = False
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    atol_mode: str = "absolute"
+    data: str = ""
 
     @property
     def passed(self) -> bool:
@@ -238,7 +394,7 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable; non-finite numbers (e.g. SQNR of identical outputs) are null."""
-        return {
+        out = {
             "passed": self.passed,
             "samples": self.samples,
             "synthetic": self.synthetic,
@@ -249,6 +405,9 @@ class VerifyResult:
             "messages": list(self.messages),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
         }
+        if self.task:
+            out["task"] = {k: _finite_or_none(v) for k, v in self.task.items()}
+        return out
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -330,39 +489,8 @@ class VerifyResult:
         )
 
     def check_floors(self, floors: Mapping[str, float]) -> list[str]:
-        """Misses of fidelity floors (see FLOOR_KEYS), each applied to every output where
-        the metric is defined; empty when all are met."""
-        unknown = sorted(set(floors) - set(FLOOR_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"unknown floor(s) {', '.join(unknown)}; valid: {', '.join(FLOOR_KEYS)}"
-            )
-        checks = {
-            "min_top1_agreement": ("top1_agreement", "top-1 agreement", 1),
-            "min_cosine": ("cosine", "cosine", 1),
-            "min_sqnr_db": ("sqnr_db", "SQNR", 1),
-            "max_abs_error": ("max_abs_error", "max abs error", -1),
-        }
-        misses = list(self.messages) if floors else []
-        for m in self.outputs.values():
-            if m.error is not None:
-                misses.append(m.error)
-                continue
-            for key, floor in floors.items():
-                attr, label, sign = checks[key]
-                value = getattr(m, attr)
-                if value is None:
-                    continue
-                if m.nonfinite_mismatches:
-                    misses.append(
-                        f"output '{m.name}': {m.nonfinite_mismatches} NaN/inf mismatch(es)"
-                    )
-                    break
-                if sign > 0 and value < floor:
-                    misses.append(f"output '{m.name}': {label} {value:.6g} < floor {floor:g}")
-                elif sign < 0 and value > floor:
-                    misses.append(f"output '{m.name}': {label} {value:.6g} > limit {floor:g}")
-        return misses
+        """`misses(floors)`: one line per missed floor, empty when all are met."""
+        return self.misses(floors)
 
 
 # --------------------------------------------------------------------------- running
@@ -416,6 +544,173 @@ def _quiet_polygraphy() -> Any:
     return G_LOGGER.verbosity(G_LOGGER.CRITICAL + 10)
 
 
+class Evaluator:
+    """The reference model on some data, and scores of candidates against it.
+
+    `data`: anything `open_data` accepts; None means random data (`max_samples`
+    default 4) and results marked synthetic. `max_samples` bounds the samples used
+    (and, with `cache`, kept in memory). `output_names` restricts the comparison to
+    some of the reference's outputs. `task` adds task metrics (see `TaskMetric`).
+    `rtol`, `atol`, `atol_mode` set the pass/fail tolerance of each output. Raises
+    UnsupportedError when ONNX Runtime cannot run the reference.
+    """
+
+    def __init__(
+        self,
+        reference: ModelSource,
+        data: Any = None,
+        *,
+        max_samples: int | None = None,
+        batch_size: int = 1,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        seed: int = 0,
+        output_names: Sequence[str] | None = None,
+        task: TaskMetric | None = None,
+        cache: bool = True,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        atol_mode: Literal["absolute", "range"] = "absolute",
+        progress: bool = False,
+    ) -> None:
+        if atol_mode not in ("absolute", "range"):
+            raise ConfigError(f"atol_mode must be absolute or range, not {atol_mode!r}")
+        if rtol < 0 or atol < 0:
+            raise ConfigError(f"rtol and atol must be >= 0 (got rtol {rtol}, atol {atol})")
+        self.reference = load_model(reference)
+        self.rtol, self.atol, self.atol_mode = rtol, atol, atol_mode
+        self.task = task
+        self.progress = progress
+        if data is None:
+            data = "random"
+            if max_samples is None:
+                max_samples = _DEFAULT_RANDOM_SAMPLES
+        self.source = open_data(
+            data,
+            self.reference,
+            batch_size=batch_size,
+            limit=max_samples,
+            input_shapes=input_shapes,
+            seed=seed,
+        )
+        ref_outputs = [o.name for o in self.reference.graph.output]
+        if output_names is not None:
+            unknown = [n for n in output_names if n not in ref_outputs]
+            if unknown:
+                raise ConfigError(
+                    f"unknown output(s) {', '.join(repr(n) for n in unknown)}; the reference's "
+                    f"outputs: {', '.join(ref_outputs)}"
+                )
+            self.names = list(output_names)
+        else:
+            self.names = ref_outputs
+        self._cached: list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]] | None = None
+        if cache:
+            with _quiet_polygraphy(), _runner(self.reference, "reference") as runner:
+                self._cached = [
+                    (count, feed, {n: out[n] for n in self.names})
+                    for count, feed, out in self._reference_batches(runner)
+                ]
+
+    @property
+    def samples(self) -> int | None:
+        """Samples scored per candidate (without a cache: None where the data's length
+        is not known before reading it)."""
+        if self._cached is not None:
+            return sum(count for count, _, _ in self._cached)
+        return self.source.num_samples
+
+    def _reference_batches(
+        self, runner: Any
+    ) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        batches: Any = self.source.counted()
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            n = self.source.num_samples
+            total = None if n is None else -(-n // self.source.batch_size)
+            batches = tqdm(batches, total=total, desc="verify", unit="batch", leave=False)
+        done = 0
+        for count, feed in batches:
+            try:
+                out = runner.infer(feed, check_inputs=False)
+            except Exception as exc:
+                raise UnsupportedError(
+                    f"reference: ONNX Runtime failed on the batch from sample {done}: "
+                    f"{first_line(exc)}"
+                ) from exc
+            done += count
+            yield count, feed, out
+
+    def score(self, candidate: ModelSource) -> VerifyResult:
+        """Run `candidate` on the data and measure it against the reference."""
+        cand_model = load_model(candidate)
+        cand_outputs = {o.name for o in cand_model.graph.output}
+        cand_specs = _model_inputs(cand_model)
+        cand_inputs = {s.name for s in cand_specs}
+        cand_required = [s.name for s in cand_specs if not s.optional]
+        acc = {n: _Accumulator(n) for n in self.names}
+        messages: list[str] = []
+        for n in self.names:
+            if n not in cand_outputs:
+                acc[n].fail(f"output '{n}' is missing from the candidate")
+        live = [n for n in self.names if n in cand_outputs]
+        task_sums: dict[str, float] = {}
+        samples = 0
+        with _quiet_polygraphy(), contextlib.ExitStack() as stack:
+            if self._cached is not None:
+                batches: Any = iter(self._cached)
+            else:
+                ref_runner = stack.enter_context(_runner(self.reference, "reference"))
+                batches = self._reference_batches(ref_runner)
+            cand_runner = None
+            try:
+                cand_runner = stack.enter_context(_runner(cand_model, "candidate"))
+            except UnsupportedError as exc:
+                messages.append(str(exc))
+            for count, feed, ref_out in batches:
+                if cand_runner is None:
+                    break
+                missing = [k for k in cand_required if k not in feed]
+                if missing:
+                    messages.append(
+                        "candidate: needs input(s) the reference does not take: "
+                        + ", ".join(missing)
+                    )
+                    break
+                try:
+                    cand_out = cand_runner.infer(
+                        {k: v for k, v in feed.items() if k in cand_inputs}, check_inputs=False
+                    )
+                except Exception as exc:
+                    messages.append(f"candidate: ONNX Runtime failed: {first_line(exc)}")
+                    break
+                for n in live:
+                    acc[n].update(ref_out[n], cand_out[n], self.rtol)
+                if self.task is not None:
+                    for key, value in self.task(feed, ref_out, cand_out).items():
+                        task_sums[key] = task_sums.get(key, 0.0) + float(value) * count
+                samples += count
+        if samples == 0 and not messages:
+            messages.append(
+                "no samples were compared (the data is empty, or a one-shot iterator already used)"
+            )
+        result = VerifyResult(
+            outputs={n: a.finish(self.rtol, self.atol, self.atol_mode) for n, a in acc.items()},
+            samples=samples,
+            messages=messages,
+            task={k: v / samples for k, v in task_sums.items()} if samples else {},
+            synthetic=self.source.is_synthetic,
+            rtol=self.rtol,
+            atol=self.atol,
+            atol_mode=self.atol_mode,
+            data=self.source.describe(),
+        )
+        if messages:
+            for m in result.outputs.values():
+                m.passed = False
+        return result
+
+
 def compare(
     reference: ModelSource,
     candidate: ModelSource,
@@ -435,105 +730,24 @@ def compare(
 
     `data`: anything `open_data` accepts; None means random data (`max_samples`
     default 4) and a result marked synthetic. `output_names` restricts the comparison
-    to some of the reference's outputs. Raises UnsupportedError when ONNX Runtime
-    cannot run the reference; candidate failures give a failed result instead.
+    to some of the reference's outputs. Streams the data once and keeps nothing
+    (`Evaluator(..., cache=False)`). Raises UnsupportedError when ONNX Runtime cannot
+    run the reference; candidate failures give a failed result instead.
     """
-    if atol_mode not in ("absolute", "range"):
-        raise ConfigError(f"atol_mode must be absolute or range, not {atol_mode!r}")
-    if rtol < 0 or atol < 0:
-        raise ConfigError(f"rtol and atol must be >= 0 (got rtol {rtol}, atol {atol})")
-    ref_model = load_model(reference)
-    cand_model = load_model(candidate)
-    if data is None:
-        data = "random"
-        if max_samples is None:
-            max_samples = _DEFAULT_RANDOM_SAMPLES
-    source = open_data(
+    evaluator = Evaluator(
+        reference,
         data,
-        ref_model,
+        max_samples=max_samples,
         batch_size=batch_size,
-        limit=max_samples,
         input_shapes=input_shapes,
         seed=seed,
-    )
-    ref_outputs = [o.name for o in ref_model.graph.output]
-    if output_names is not None:
-        unknown = [n for n in output_names if n not in ref_outputs]
-        if unknown:
-            raise ConfigError(
-                f"unknown output(s) {', '.join(repr(n) for n in unknown)}; the reference's "
-                f"outputs: {', '.join(ref_outputs)}"
-            )
-        names = list(output_names)
-    else:
-        names = ref_outputs
-    cand_outputs = {o.name for o in cand_model.graph.output}
-    cand_specs = _model_inputs(cand_model)
-    cand_inputs = {s.name for s in cand_specs}
-    cand_required = [s.name for s in cand_specs if not s.optional]
-    acc = {n: _Accumulator(n) for n in names}
-    messages: list[str] = []
-    for n in names:
-        if n not in cand_outputs:
-            acc[n].fail(f"output '{n}' is missing from the candidate")
-    live = [n for n in names if n in cand_outputs]
-    samples = 0
-    with _quiet_polygraphy(), contextlib.ExitStack() as stack:
-        ref_runner = stack.enter_context(_runner(ref_model, "reference"))
-        cand_runner = None
-        try:
-            cand_runner = stack.enter_context(_runner(cand_model, "candidate"))
-        except UnsupportedError as exc:
-            messages.append(str(exc))
-        batches: Any = source.counted()
-        if progress:
-            from tqdm.auto import tqdm
-
-            n = source.num_samples
-            total = None if n is None else -(-n // source.batch_size)
-            batches = tqdm(batches, total=total, desc="verify", unit="batch", leave=False)
-        for count, feed in batches:
-            if cand_runner is None:
-                break
-            try:
-                ref_out = ref_runner.infer(feed, check_inputs=False)
-            except Exception as exc:
-                raise UnsupportedError(
-                    f"reference: ONNX Runtime failed on the batch from sample {samples}: "
-                    f"{first_line(exc)}"
-                ) from exc
-            missing = [k for k in cand_required if k not in feed]
-            if missing:
-                messages.append(
-                    f"candidate: needs input(s) the reference does not take: {', '.join(missing)}"
-                )
-                break
-            try:
-                cand_out = cand_runner.infer(
-                    {k: v for k, v in feed.items() if k in cand_inputs}, check_inputs=False
-                )
-            except Exception as exc:
-                messages.append(f"candidate: ONNX Runtime failed: {first_line(exc)}")
-                break
-            for n in live:
-                acc[n].update(ref_out[n], cand_out[n], rtol)
-            samples += count
-    if samples == 0 and not messages:
-        messages.append(
-            "no samples were compared (the data is empty, or a one-shot iterator already used)"
-        )
-    result = VerifyResult(
-        outputs={n: a.finish(rtol, atol, atol_mode) for n, a in acc.items()},
-        samples=samples,
-        synthetic=source.is_synthetic,
+        output_names=output_names,
+        cache=False,
         rtol=rtol,
         atol=atol,
         atol_mode=atol_mode,
-        data=source.describe(),
-        messages=messages,
+        progress=progress,
     )
-    if messages:
-        for m in result.outputs.values():
-            m.passed = False
+    result = evaluator.score(candidate)
     log.info("verify: %s", result.summary())
     return result

@@ -8,9 +8,9 @@ from pathlib import Path
 import onnx
 import pytest
 
+from onnxslim_edge.analysis.qdq_lint import lint_qdq
 from onnxslim_edge.cli import main
 from onnxslim_edge.demo import digits_accuracy, run_demo
-from onnxslim_edge.passes.quantize.lint import lint_qdq
 
 
 def test_demo_keeps_accuracy_and_shrinks_the_model(tmp_path: Path) -> None:

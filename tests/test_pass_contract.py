@@ -232,13 +232,6 @@ def test_prune_channels_documents_the_targets_round_to() -> None:
 #: Modules of the core that may load passes: the registry's discovery.
 DISCOVERY = {"onnxslim_edge/registry.py"}
 
-#: TODO(arch-toolkit, issue 9): the Q/DQ lint and N:M check move to onnxslim_edge/analysis/
-#: and cli.py's imports with them; the lead removes these on merge.
-PENDING = {
-    ("onnxslim_edge/cli.py", "onnxslim_edge.passes.prune.nm"),
-    ("onnxslim_edge/cli.py", "onnxslim_edge.passes.quantize.lint"),
-}
-
 
 def _imports(tree: ast.AST) -> set[str]:
     found = set()
@@ -269,9 +262,5 @@ def test_the_core_never_imports_the_passes() -> None:
         for name in _imports(ast.parse(path.read_text(encoding="utf-8"))):
             if name == "onnxslim_edge.passes" or name.startswith("onnxslim_edge.passes."):
                 violations.add((rel, name))
-    # `from onnxslim_edge.passes.x import y` is recorded as module and module.y
-    violations = {
-        (f, m) for f, m in violations if not any(m.startswith(p + ".") for _, p in PENDING)
-    }
-    assert violations - PENDING == set()
+    assert violations == set()
     assert len(list(package.rglob("*.py"))) > 10  # the scan saw the package

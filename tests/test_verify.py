@@ -324,3 +324,110 @@ print("ok")
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- Evaluator
+
+
+def _dynamic_identity(op: str = "Identity") -> onnx.ModelProto:
+    """y = op(x) for x of shape (N, 3, W): batches of different widths."""
+    model = _graph_model(
+        [helper.make_node(op, ["x"], ["y"])], [_vi("x", ("N", 3, "W"))], [_vi("y", ("N", 3, "W"))]
+    )
+    model.ir_version = 7
+    return model
+
+
+def _widths(n: int = 5) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    return [
+        {"x": rng.standard_normal((1, 3, 4 + 2 * (i % 3))).astype(np.float32)} for i in range(n)
+    ]
+
+
+def test_evaluator_cached_and_streamed_agree_over_batches_of_different_shapes():
+    from onnxslim_edge.verify import Evaluator
+
+    ref, cand = _dynamic_identity(), _dynamic_identity("Sin")
+    data = _widths()
+    cached = Evaluator(ref, data)
+    streamed = Evaluator(ref, data, cache=False)
+    first, again, flat = cached.score(cand), cached.score(cand), streamed.score(cand)
+    assert first.to_dict() == again.to_dict() == flat.to_dict()
+    assert first.to_dict() == compare(ref, cand, data).to_dict()
+    r = np.concatenate([f["x"].ravel() for f in data]).astype(np.float64)
+    c = np.sin(np.concatenate([f["x"].ravel() for f in data])).astype(np.float64)
+    m = first.outputs["y"]
+    assert m.sqnr_db == pytest.approx(10 * np.log10((r @ r) / ((r - c) @ (r - c))), rel=1e-9)
+    assert m.cosine == pytest.approx(r @ c / np.sqrt((r @ r) * (c @ c)), rel=1e-9)
+    assert first.sqnr_db == m.sqnr_db and first.samples == 5 and cached.samples == 5
+    # max_samples bounds what is measured (and, cached, what is kept)
+    three = Evaluator(ref, data, max_samples=3)
+    assert three.samples == 3 and three.score(cand).samples == 3
+
+
+def test_evaluator_task_metric_is_averaged_over_samples():
+    from onnxslim_edge.verify import Evaluator
+
+    ref, cand = _classifier(np.eye(4)), _classifier(np.eye(4)[[1, 0, 2, 3]])
+    x = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 2]] + 0.1
+    seen = []
+
+    def agree(feed, r, c):
+        seen.append(len(feed["x"]))
+        return {"task_top1": float((r["logits"].argmax(1) == c["logits"].argmax(1)).mean())}
+
+    result = Evaluator(ref, [{"x": x}], batch_size=2, task=agree).score(cand)
+    assert seen == [2, 2, 1]  # batches of 2, 2, 1: a mean of means would say 1/3
+    assert result.task == {"task_top1": pytest.approx(3 / 5)}
+    assert result.task["task_top1"] == pytest.approx(result.outputs["logits"].top1_agreement)
+    assert result.worst_metrics()["task_top1"] == pytest.approx(0.6)
+
+
+def test_nan_in_the_candidate_where_the_reference_is_finite_is_a_failure():
+    """The one rule for non-finite values: a NaN/inf mismatch fails the output, misses
+    every floor (also floors whose metric the output does not have), counts as a top-1
+    disagreement and ranks below every finite candidate."""
+    from onnxslim_edge.verify import FLOOR_KEYS, Evaluator
+
+    ref = _graph_model(
+        [helper.make_node("Identity", ["x"], ["y"])], [_vi("x", ("N", 3))], [_vi("y", ("N", 3))]
+    )
+    # y = x / (x - 5): NaN nowhere in the reference; the candidate divides 0 by 0 at x = 5
+    cand = _graph_model(
+        [
+            helper.make_node("Sub", ["x", "F"], ["d"]),
+            helper.make_node("Div", ["d", "d"], ["q"]),
+            helper.make_node("Mul", ["x", "q"], ["y"]),
+        ],
+        [_vi("x", ("N", 3))],
+        [_vi("y", ("N", 3))],
+        [numpy_helper.from_array(np.array(5.0, np.float32), "F")],
+    )
+    x = np.array([[0.0, 5.0, 1.0], [3.0, 1.0, 2.0]], np.float32)  # row 0's argmax is the NaN
+    evaluator = Evaluator(ref, [{"x": x}])
+    bad, good = evaluator.score(cand), evaluator.score(ref)
+    m = bad.outputs["y"]
+    assert m.nonfinite_mismatches == 1 and not m.passed and bad.failed and not good.failed
+    assert m.max_abs_error == 0.0 and m.cosine == pytest.approx(1.0)  # the finite elements
+    assert m.top1_agreement == 0.5  # the row holding the NaN disagrees
+    line = "output 'y': 1 NaN/inf mismatch(es)"
+    assert bad.misses({"min_cosine": -1.0}) == [line]
+    assert bad.misses({"max_abs_error": 1.0}) == [line]
+    assert good.misses({"min_cosine": 1.0, "min_sqnr_db": 200}) == []
+    assert bad.misses({}) == []
+    # a 3-D output has no top-1: the floor used to be skipped with the NaN along with it
+    ref3, cand3 = _dynamic_identity(), _dynamic_identity("Log")
+    feeds = [{"x": np.abs(_widths(1)[0]["x"]) + 1.0}]
+    feeds[0]["x"][0, 0, 0] = -1.0  # log(-1) = NaN
+    three = Evaluator(ref3, feeds).score(cand3)
+    assert three.outputs["y"].top1_agreement is None
+    assert three.misses({"min_top1_agreement": 0.5}) == ["output 'y': 1 NaN/inf mismatch(es)"]
+    assert three.check_floors({"min_top1_agreement": 0.5}) == three.misses(
+        {"min_top1_agreement": 0.5}
+    )
+    assert sorted([good, bad], key=lambda f: f.rank_key("sqnr_db"))[0] is bad
+    assert sorted([good, bad], key=lambda f: f.rank_key("kl_divergence"))[0] is bad
+    assert set(FLOOR_KEYS) == {"min_top1_agreement", "min_cosine", "min_sqnr_db", "max_abs_error"}
+    with pytest.raises(ConfigError, match="unknown floor\\(s\\) min_psnr; valid: min_top1"):
+        bad.misses({"min_psnr": 1.0})

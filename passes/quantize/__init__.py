@@ -1,13 +1,17 @@
-"""Int8 post-training quantization: calibration statistics and the TensorRT Q/DQ linter.
+"""Int8 post-training quantization: calibration, Q/DQ placement and insertion, sensitivity.
 
 - `calibrate`: streamed activation statistics (`TensorStats`, `Calibrator`), threshold
   methods (minmax, percentile, entropy, mse), scales and the JSON calibration cache.
-- `lint`: `lint_qdq(model)` checks any Q/DQ model against TensorRT's placement rules.
-- `qdq`: the `quantize` pass (`Quantize`, `QuantizeConfig`): Q/DQ insertion per target.
+- `qdq`: the `quantize` pass (`Quantize`); its parts: `config` (`QuantizeConfig`),
+  `numerics` (int8 arithmetic), `placement` (where Q/DQ go per target), `ranges`
+  (range narrowing), `builder` (the graph rewrite), `quantizer` (calibrated builds).
 - `sensitivity`: `layer_sensitivity(model, data)` ranks layers by the fidelity lost when
   each is quantized alone (used by the pass's automatic fallback).
+
+`lint_qdq` (the TensorRT Q/DQ linter, `onnxslim_edge.analysis.qdq_lint`) is re-exported.
 """
 
+from onnxslim_edge.analysis.qdq_lint import RULES, Violation, format_violations, lint_qdq
 from onnxslim_edge.passes.quantize.calibrate import (
     METHODS,
     Calibrator,
@@ -17,8 +21,8 @@ from onnxslim_edge.passes.quantize.calibrate import (
     save_cache,
     scale_from_amax,
 )
-from onnxslim_edge.passes.quantize.lint import RULES, Violation, format_violations, lint_qdq
-from onnxslim_edge.passes.quantize.qdq import Quantize, QuantizeConfig
+from onnxslim_edge.passes.quantize.config import QuantizeConfig
+from onnxslim_edge.passes.quantize.qdq import Quantize
 from onnxslim_edge.passes.quantize.sensitivity import LayerSensitivity, layer_sensitivity
 
 __all__ = [

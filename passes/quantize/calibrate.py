@@ -13,7 +13,9 @@ merged (bit-exact when the bin count is a power of two), and its memory is two a
 of `bins` counts however many batches arrive.
 
 Threshold methods turn the statistics into the symmetric `amax` (the int8 scale is
-amax / 127, TensorRT's [-127, 127]):
+amax / 127, TensorRT's [-127, 127]); `THRESHOLDS` is the one table from a method's
+name to its implementation (symmetric amax and per-sign threshold), and an unknown
+name is a ConfigError listing the valid ones:
 
 - `minmax`: the largest |x| seen (exact, not rounded to bins).
 - `percentile`: the p-th percentile of |x|, interpolated linearly within its bin.
@@ -43,7 +45,8 @@ smallest threshold wins. Histogram thresholds are capped at the largest |x| seen
 model, runs one ONNX Runtime session over the calibration batches and updates one
 `TensorStats` per tensor; activations are never stored. The calibration cache is a
 JSON file `{tensor: {"amax", "method", "min", "max", "lo", "hi"}}`
-that can be edited by hand; `load_cache` validates it.
+(plus "data": the calibration data it was measured on) that can be edited by hand;
+`load_cache` validates it.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -64,8 +69,10 @@ from onnxslim_edge.errors import ConfigError, DataError
 __all__ = [
     "CACHE_KEYS",
     "METHODS",
+    "THRESHOLDS",
     "Calibrator",
     "TensorStats",
+    "Threshold",
     "amax_entropy",
     "amax_minmax",
     "amax_mse",
@@ -78,19 +85,19 @@ __all__ = [
     "entropy_divergences",
     "estimated_sqnr_db",
     "load_cache",
+    "method_label",
     "mse_bin",
     "mse_errors",
     "save_cache",
     "scale_from_amax",
+    "threshold_method",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Threshold methods understood by `compute_amax`.
-METHODS = ("minmax", "percentile", "entropy", "mse")
-
-#: Keys of one calibration-cache entry ("amax" and "method" required).
-CACHE_KEYS = ("amax", "method", "min", "max", "lo", "hi")
+#: Keys of one calibration-cache entry ("amax" and "method" required; "data" names the
+#: calibration data the entry was measured on).
+CACHE_KEYS = ("amax", "method", "min", "max", "lo", "hi", "data")
 
 #: Default number of histogram bins (as TensorRT and ONNX Runtime's entropy calibrators).
 DEFAULT_BINS = 2048
@@ -413,21 +420,62 @@ def amax_mse(stats: TensorStats, *, levels: int = 127) -> float:
     return float(min(i * stats.bin_width, stats.absmax))
 
 
+def _mse_side(hist: np.ndarray, top: float, width: float, percentile: float) -> float:
+    used = min(len(hist), max(1, math.ceil(top / width)))
+    return float(min(mse_bin(hist[:used]) * width, top))
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One calibration method: `amax(stats, percentile)` the symmetric threshold of a
+    tensor, `side(hist, top, width, percentile)` the threshold of one sign's magnitude
+    histogram (its largest magnitude `top`), for uint8 grids with a zero point."""
+
+    amax: Callable[[TensorStats, float], float]
+    side: Callable[[np.ndarray, float, float, float], float]
+
+
+#: The calibration methods, by name: the one table every caller dispatches through.
+THRESHOLDS: Mapping[str, Threshold] = MappingProxyType(
+    {
+        "minmax": Threshold(lambda s, p: amax_minmax(s), lambda h, top, w, p: float(top)),
+        "percentile": Threshold(
+            lambda s, p: amax_percentile(s, p), lambda h, top, w, p: _hist_percentile(h, w, top, p)
+        ),
+        "entropy": Threshold(
+            lambda s, p: amax_entropy(s), lambda h, top, w, p: _entropy_side(h, top, w, 128)
+        ),
+        "mse": Threshold(lambda s, p: amax_mse(s), _mse_side),
+    }
+)
+
+#: Threshold method names (the keys of `THRESHOLDS`).
+METHODS = tuple(THRESHOLDS)
+
+
+def threshold_method(name: Any) -> Threshold:
+    """The `Threshold` called `name`; ConfigError listing the valid names otherwise."""
+    method = THRESHOLDS.get(name) if isinstance(name, str) else None
+    if method is None:
+        raise ConfigError(f"unknown calibration method {name!r}; valid: {', '.join(METHODS)}")
+    return method
+
+
+def method_label(method: str, percentile: float = 99.99) -> str:
+    """How a cache entry records `method`: the name, with the percentile for `percentile`."""
+    threshold_method(method)
+    return f"percentile:{percentile:g}" if method == "percentile" else method
+
+
 def _side_threshold(stats: TensorStats, negative: bool, method: str, percentile: float) -> float:
     """One sign's threshold (a magnitude) by `method`, capped at its largest magnitude."""
+    side = threshold_method(method).side
     top = max(-stats.min, 0.0) if negative else max(stats.max, 0.0)
     width = stats.bin_width
     if top <= 0 or width == 0:
         return 0.0
     hist = stats.neg if negative else stats.hist - stats.neg
-    if method == "minmax":
-        return float(top)
-    if method == "percentile":
-        return _hist_percentile(hist, width, top, percentile)
-    if method == "entropy":
-        return _entropy_side(hist, top, width, 128)
-    used = min(len(hist), max(1, math.ceil(top / width)))
-    return float(min(mse_bin(hist[:used]) * width, top))
+    return side(hist, top, width, percentile)
 
 
 def compute_range(
@@ -440,8 +488,7 @@ def compute_range(
     `mse` scores each side with 127 levels, as int8 would: sharing the 255 uint8 steps
     between the sides in proportion clipped harder and lost fidelity (PP-OCRv4
     detection map cosine 0.935 -> 0.910)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
+    threshold_method(method)
     if method == "percentile":
         _check_percentile(percentile)
     neg = _side_threshold(stats, True, method, percentile)
@@ -471,15 +518,7 @@ def estimated_sqnr_db(stats: TensorStats, scale: float, qmin: float, qmax: float
 
 def compute_amax(stats: TensorStats, method: str = "minmax", *, percentile: float = 99.99) -> float:
     """The symmetric amax of `stats` by one of `METHODS`."""
-    if method == "minmax":
-        return amax_minmax(stats)
-    if method == "percentile":
-        return amax_percentile(stats, percentile)
-    if method == "entropy":
-        return amax_entropy(stats)
-    if method == "mse":
-        return amax_mse(stats)
-    raise ConfigError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
+    return threshold_method(method).amax(stats, percentile)
 
 
 def scale_from_amax(amax: float, bits: int = 8, symmetric: bool = True) -> float:
@@ -510,7 +549,7 @@ def cache_entry(stats: TensorStats, method: str = "minmax", *, percentile: float
     symmetric threshold, the exact extremes and each sign's threshold (`compute_range`)."""
     amax = compute_amax(stats, method, percentile=percentile)
     lo, hi = compute_range(stats, method, percentile=percentile) if stats.count else (None,) * 2
-    label = f"percentile:{percentile:g}" if method == "percentile" else method
+    label = method_label(method, percentile)
     return {
         "amax": amax,
         "method": label,
@@ -561,6 +600,11 @@ def _validated(cache: Any, origin: str) -> dict[str, dict[str, Any]]:
             raise DataError(f"{where}: 'min' {clean['min']} is greater than 'max' {clean['max']}")
         if (clean["lo"] or 0.0) > 0 or (clean["hi"] or 0.0) < 0:
             raise DataError(f"{where}: 'lo' must be <= 0 and 'hi' >= 0")
+        data = entry.get("data")
+        if data is not None:
+            if not isinstance(data, str) or not data:
+                raise DataError(f"{where}: 'data' must be a non-empty string or null, got {data!r}")
+            clean["data"] = data
         out[name] = clean
     return out
 

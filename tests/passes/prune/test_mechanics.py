@@ -8,8 +8,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_edge.analysis.channels import analyze_channels
+from onnxslim_edge.graph import expose_outputs
 from onnxslim_edge.passes.prune.mechanics import (
-    expose_outputs,
     kept_positions,
     remove_channels,
     removed_constants,

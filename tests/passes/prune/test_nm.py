@@ -21,14 +21,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_edge import cli
+from onnxslim_edge.analysis.sparsity_nm import NMResult, check_nm, format_nm_results
 from onnxslim_edge.errors import ConfigError
-from onnxslim_edge.passes.prune.nm import (
-    NMResult,
-    SparsifyNM,
-    check_nm,
-    format_nm_results,
-    nm_prune,
-)
+from onnxslim_edge.passes.prune.nm import SparsifyNM, nm_prune
 from onnxslim_edge.pipeline import Context, Pipeline, get_pass
 from onnxslim_edge.runtime import make_session
 

@@ -610,3 +610,34 @@ def test_estimated_sqnr_matches_fake_quantization() -> None:
             measured(scale, qmin, qmax), abs=0.3
         )
     assert estimated_sqnr_db(TensorStats(), 0.1, -128, 127) is None
+
+
+# ------------------------------------------------------------------ methods table
+
+
+def test_methods_are_one_table_and_unknown_names_are_refused() -> None:
+    """Every caller dispatches through `THRESHOLDS`: the per-sign threshold used to fall
+    through to mse for any unknown name."""
+    s = stats_of(np.random.default_rng(5).normal(size=4000).astype(np.float32))
+    assert cal.METHODS == tuple(cal.THRESHOLDS) == ("minmax", "percentile", "entropy", "mse")
+    for name, method in cal.THRESHOLDS.items():
+        assert compute_amax(s, name, percentile=99.0) == method.amax(s, 99.0)
+        lo, hi = compute_range(s, name, percentile=99.0)
+        assert hi == cal._side_threshold(s, False, name, 99.0)
+        assert lo == -cal._side_threshold(s, True, name, 99.0)
+    valid = "valid: minmax, percentile, entropy, mse"
+    for call in (
+        lambda: cal._side_threshold(s, False, "kl", 99.0),
+        lambda: compute_range(s, "kl"),
+        lambda: compute_amax(s, "kl"),
+        lambda: cal.cache_entry(s, "kl"),
+        lambda: cal.threshold_method(None),
+    ):
+        with pytest.raises(ConfigError, match=f"unknown calibration method .*; {valid}$"):
+            call()
+    from onnxslim_edge.passes.quantize.config import QuantizeConfig
+
+    with pytest.raises(
+        ConfigError, match=f"^quantize.method: unknown calibration method 'kl'; {valid}$"
+    ):
+        QuantizeConfig(method="kl")

@@ -18,13 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim_edge.analysis import model_cost
 from onnxslim_edge.errors import ConfigError, DataError
 from onnxslim_edge.passes.quantize import lint_qdq
-from onnxslim_edge.passes.quantize.qdq import (
-    Quantize,
-    QuantizeConfig,
-    dequantize,
-    quantize_weight,
-    weight_axis,
-)
+from onnxslim_edge.passes.quantize.numerics import dequantize, quantize_weight, weight_axis
+from onnxslim_edge.passes.quantize.qdq import Quantize, QuantizeConfig
 from onnxslim_edge.pipeline import Context, Pipeline
 from onnxslim_edge.runtime import make_session
 
@@ -583,8 +578,8 @@ _OTHER_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
 def test_rest_of_the_corpus_quantizes_or_skips_cleanly(case):
     """Every other corpus model ONNX Runtime runs: quantized (lint-clean for TensorRT) or
     left alone with reasons, never broken. Calibrated on the case's own inputs."""
+    from onnxslim_edge.analysis.qdq_lint import lint_qdq
     from onnxslim_edge.errors import UnsupportedError
-    from onnxslim_edge.passes.quantize.lint import lint_qdq
 
     if case.skip_reason():
         pytest.skip(case.skip_reason())
@@ -649,7 +644,7 @@ def _qparams_of(model, tensor):
 def test_useful_range_rules():
     import onnx_graphsurgeon as gs
 
-    from onnxslim_edge.passes.quantize.qdq import useful_range
+    from onnxslim_edge.passes.quantize.ranges import useful_range
 
     for kind, expected in (("hardswish", (-3.0, np.inf)), ("hardsigmoid", (-2.5, 2.5))):
         model, _ = _conv_then(kind)
@@ -755,3 +750,58 @@ def test_ort_layout_quantizes_the_constant_of_an_add_exactly(tmp_path):
     assert "QLinearAdd" in ops and "Add" not in ops
     x = np.concatenate([d["x"] for d in data])
     assert _cosine(_run(q, {"x": x})[0], _run(model, {"x": x})[0]) > 0.999
+
+
+# ------------------------------------------------------------ calibration cache
+
+
+def test_cache_of_another_method_is_refused(tmp_path):
+    """An existing cache no longer overrides `method` silently: it is refused."""
+    model, data = _mlp3()
+    cache = tmp_path / "calib.json"
+    _quantize(model, data, method="minmax", calibration_cache=str(cache))
+    before = cache.read_text()
+    assert {e["method"] for e in json.loads(before).values()} == {"minmax"}
+    with pytest.raises(
+        ConfigError,
+        match=r"calib\.json: calibration cache entry '.+' was measured with minmax, but "
+        r"quantize\.method is percentile:99\.9; delete the cache to re-calibrate",
+    ):
+        _quantize(model, data, method="percentile", percentile=99.9, calibration_cache=str(cache))
+    assert cache.read_text() == before  # the refused cache is left as it was
+    q, _ = _quantize(model, data, method="minmax", calibration_cache=str(cache))
+    assert not _errors(q)  # the method it was made with still reads it
+
+
+def test_cache_of_other_data_is_refused(tmp_path):
+    """Entries record the data they were measured on (its path or kind and sample
+    count); another data file is refused."""
+    model, data = _mlp3()
+    np.savez(tmp_path / "a.npz", x=data[0]["x"])
+    np.savez(tmp_path / "b.npz", x=data[0]["x"][:8])
+    cache = tmp_path / "calib.json"
+    _quantize(model, str(tmp_path / "a.npz"), method="minmax", calibration_cache=str(cache))
+    [recorded] = {e["data"] for e in json.loads(cache.read_text()).values()}
+    assert "a.npz" in recorded and "16 samples" in recorded and "batch" not in recorded
+    with pytest.raises(ConfigError, match=r"was measured on .*a\.npz.*, not on .*b\.npz.*; delete"):
+        _quantize(model, str(tmp_path / "b.npz"), method="minmax", calibration_cache=str(cache))
+
+
+def test_cache_without_a_data_record_is_used_and_reported(tmp_path):
+    model, data = _mlp3()
+    cache = tmp_path / "calib.json"
+    _quantize(model, data, method="minmax", calibration_cache=str(cache))
+    entries = json.loads(cache.read_text())
+    for entry in entries.values():
+        del entry["data"]  # a cache from before data was recorded, or written by hand
+    entries["x"]["amax"] = 12.7
+    cache.write_text(json.dumps(entries))
+    q, report = _quantize(
+        model, [{"x": data[0]["x"][:8]}], method="minmax", calibration_cache=str(cache)
+    )
+    scales = {n.input[0]: _inits(q)[n.input[1]] for n in _nodes(q, "QuantizeLinear")}
+    assert scales["x"] == np.float32(0.1)
+    assert report.warnings == [
+        f"calibration cache {cache}: {len(entries)} entries with no record of their data "
+        "(e.g. 'r0') used as they are"
+    ]

@@ -10,8 +10,9 @@ import pytest
 from fixtures import torch_models
 
 from onnxslim_edge.passes.quantize.qdq import Quantize, QuantizeConfig
-from onnxslim_edge.passes.quantize.sensitivity import Evaluator, layer_sensitivity
+from onnxslim_edge.passes.quantize.sensitivity import layer_sensitivity
 from onnxslim_edge.pipeline import Context, FidelityError, Pipeline
+from onnxslim_edge.verify import Evaluator
 
 
 @pytest.fixture(scope="module")

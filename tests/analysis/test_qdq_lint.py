@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim_edge.passes.quantize.lint import RULES, Violation, format_violations, lint_qdq
+from onnxslim_edge.analysis.qdq_lint import RULES, Violation, format_violations, lint_qdq
 from onnxslim_edge.runtime import make_session
 
 C = 4  # channels
