@@ -92,12 +92,11 @@ def model_input(source: Any) -> onnx.ModelProto:
     """A private copy of what a caller hands a pass or pipeline: a path, a ModelProto or
     an onnx-graphsurgeon Graph (exported as it is). The caller's object is never changed."""
     if not isinstance(source, (onnx.ModelProto, str)) and hasattr(source, "nodes"):
-        import onnx_graphsurgeon as gs
+        from onnxslim_edge.graph import export_graph
 
-        from onnxslim_edge.graph import clamp_ir
-
-        return clamp_ir(gs.export_onnx(source, do_type_check=False))
-    original = load_model(source)
+        original = export_graph(source)  # may share tensor protos with the graph
+    else:
+        original = load_model(source)
     model = onnx.ModelProto()
     model.CopyFrom(original)
     return model

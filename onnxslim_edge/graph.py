@@ -359,14 +359,19 @@ def infer_shapes(
     opsets): asking again for an unchanged model, or for a graph imported from it, does
     not infer again. `fingerprint`: the ModelProto's `fingerprint()`, when the caller has
     it (saves hashing the model again). A `TensorInfo` also unpacks as
-    `(shape, numpy dtype or None)`.
+    `(shape, numpy dtype or None)`. A graph onnx-graphsurgeon cannot export answers
+    with the shapes it records itself.
     """
     from onnxslim_edge.analysis import shapes as _shapes
 
     if isinstance(source, onnx.ModelProto):
         model = source
     else:
-        model, fingerprint = export_graph(source), None
+        try:
+            model, fingerprint = export_graph(source), None
+        except Exception as exc:  # gs cannot export e.g. optional/sequence types
+            log.debug("graph export for shape inference failed: %s", first_line(exc))
+            return _declared(source)
     digest = fingerprint if fingerprint is not None else _fingerprint(model)
     key = _shape_key(model, digest, input_shapes)
     hit = _SHAPES.get(key)
@@ -377,6 +382,20 @@ def infer_shapes(
     _SHAPES[key] = dict(infos)
     while len(_SHAPES) > _SHAPES_KEPT:
         _SHAPES.popitem(last=False)
+    return infos
+
+
+def _declared(graph: Any) -> dict[str, TensorInfo]:
+    """What the graph itself records about its tensors (shape and dtype), by name."""
+    from onnxslim_edge.analysis.shapes import TensorInfo
+
+    infos = {}
+    for name, tensor in graph.tensors().items():
+        if tensor.shape is None:
+            continue
+        dtype = np_dtype(tensor.dtype)
+        shape = tuple(d if isinstance(d, int) else (d or None) for d in tensor.shape)
+        infos[name] = TensorInfo(name, dtype.name if dtype is not None else "undefined", shape)
     return infos
 
 

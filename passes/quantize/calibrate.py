@@ -653,9 +653,8 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 
     types: dict[str, int] = {}
     for name, info in infer_shapes(model).items():
-        _, dtype = info
-        if dtype is not None:
-            types[name] = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+        if info.numpy_dtype is not None:
+            types[name] = onnx.helper.np_dtype_to_tensor_dtype(info.numpy_dtype)
     return types
 
 
