@@ -9,18 +9,27 @@
 
 Exit status: 0 success, 1 `verify` found a difference beyond tolerance or `lint` an
 error-level violation, 2 bad input
-(missing or corrupt file, wrong data, unknown pass or option, impossible target):
-one line on stderr naming the cause, and no output file.
+(missing or corrupt file, wrong data, unknown pass or option, impossible target, an
+output that would overwrite an input, an unwritable output folder):
+one line on stderr naming the cause, and no output file. SIGINT (130) and SIGTERM
+(143) remove every temporary file; a closed stdout (`| head`) ends quietly (141).
+All outputs of a run (model, external data, report) appear together or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]] | None:
-    """`x=1,3,224,224` (repeatable) -> {"x": (1, 3, 224, 224)}."""
+    """`x=1,3,224,224` (repeatable) -> {"x": (1, 3, 224, 224)}; every dim >= 1."""
     if not items:
         return None
     shapes = {}
@@ -53,7 +62,58 @@ def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]] | N
             raise ConfigError(
                 f"--input-shape {item}: expected NAME=D0,D1,... with integers"
             ) from None
+        if any(d < 1 for d in shapes[name]):
+            raise ConfigError(f"--input-shape {item}: input '{name}' needs dims >= 1")
     return shapes
+
+
+def _check_input_shapes(model: Any, shapes: dict[str, tuple[int, ...]] | None) -> None:
+    """Each --input-shape names an input of `model` and agrees with its rank and fixed dims."""
+    if not shapes:
+        return
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
+    for name, dims in shapes.items():
+        flag = f"--input-shape {name}={','.join(map(str, dims))}"
+        if name not in inputs:
+            raise ConfigError(
+                f"{flag}: the model has no input '{name}'; inputs: {', '.join(inputs) or 'none'}"
+            )
+        ttype = inputs[name].type.tensor_type
+        if not ttype.HasField("shape"):
+            continue
+        declared = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        if len(declared) != len(dims):
+            raise ConfigError(
+                f"{flag}: input '{name}' has {len(declared)} dims in the model, not {len(dims)}"
+            )
+        for axis, (want, given) in enumerate(zip(declared, dims)):
+            if want is not None and want > 0 and want != given:
+                raise ConfigError(
+                    f"{flag}: dim {axis} of input '{name}' is fixed at {want} in the model"
+                )
+
+
+def _tolerance(text: str) -> float:
+    """argparse type: a finite number >= 0 (NaN would make every comparison pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _data(spec: str | None, model: Any, args: argparse.Namespace, *, batch_size: int = 1) -> Any:
@@ -81,6 +141,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from onnxslim_edge.model import load_model
 
     model = load_model(args.model)
+    _check_input_shapes(model, args.input_shape)
     cost = model_cost(model, input_shapes=args.input_shape)
     inputs, outputs = io_info(model)
     info = {
@@ -120,22 +181,33 @@ def _tensor_json(t: Any) -> dict[str, Any]:
     return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
 
 
+def _data_files(spec: str | None) -> list[Path]:
+    """The files a data spec reads (a file, or every file under a folder)."""
+    if not spec or spec == "random":
+        return []
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return [p for p in path.rglob("*") if p.is_file()]
+    return []
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from onnxslim_edge.model import load_model, save_model
+    from onnxslim_edge.model import Outputs, check_output_path, check_paths, load_model_and_files
     from onnxslim_edge.pipeline import Context, Pipeline, load_recipe, parse_pass_spec
 
     if not args.recipe and not args.passes:
         raise ConfigError("optimize: give --recipe FILE or at least one --pass NAME")
-    out = Path(args.output)
     src = Path(args.model)
+    out = Path(args.output)
     if out.exists() and src.exists() and out.resolve() == src.resolve() and not args.overwrite:
         raise ConfigError(
             f"{out}: refusing to overwrite the input model; choose another -o or pass --overwrite"
         )
-    if not out.parent.exists():
-        raise ConfigError(f"{out}: output folder does not exist")
-    if args.report and not Path(args.report).resolve().parent.is_dir():
-        raise ConfigError(f"{args.report}: report folder does not exist")
+    check_output_path(out, "output")
+    if args.report:
+        check_output_path(args.report, "report")
 
     # Parse everything the user typed before any work starts.
     passes, floors, target = [], {}, args.target
@@ -152,7 +224,20 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         verify_lossless=not args.no_verify,
         validate="none" if args.no_verify else "session",
     )
-    model = load_model(src)
+    model, model_files = load_model_and_files(src)
+    # No output may be a file this run reads, nor two outputs one file.
+    out_data = out.with_name(out.name + ".data")
+    writes = [("-o", out), ("-o's external data", out_data)]
+    if args.report:
+        writes.append(("--report", Path(args.report)))
+    reads = [("the input model", model_files[0])]
+    reads += [("the input's external data", f) for f in model_files[1:]]
+    reads += [("the calibration data", f) for f in _data_files(args.calib)]
+    allow = []
+    if args.overwrite:  # the input model (and its data file) replaced on purpose
+        allow = [(out, src)] + [(out_data, f) for f in model_files[1:]]
+    check_paths(writes, reads, allow=allow)
+    _check_input_shapes(model, args.input_shape)
     ctx = Context(
         data=_data(args.calib, model, args),
         target=pipeline.target,
@@ -160,12 +245,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         progress=_progress_enabled(args),
         input_shapes=args.input_shape,
     )
-    result = pipeline.run(model, ctx)
-    save_model(result.model, out, input_path=src, overwrite_input=args.overwrite, opset=args.opset)
-    if args.report:
-        from onnxslim_edge.model import write_text_atomic
-
-        write_text_atomic(args.report, result.report.to_json())
+    try:
+        result = pipeline.run(model, ctx)
+    except RuntimeError as exc:
+        _input_cannot_be_checked(model, src, pipeline, exc)
+        raise
+    with Outputs() as outputs:  # model, external data and report: all or none
+        outputs.model(result.model, out, opset=args.opset)
+        if args.report:
+            outputs.text(args.report, result.report.to_json())
+        outputs.commit()
     if not args.quiet:
         print(result.report.to_table())
         for p in result.report.passes:
@@ -179,12 +268,32 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_cannot_be_checked(model: Any, src: Path, pipeline: Any, exc: BaseException) -> None:
+    """A pass's result failed validation: if the input itself fails it, say that (exit 2).
+
+    ONNX Runtime refuses models with unknown op domains or unreleased opsets; then no
+    pass result can be validated or compared, whatever the pass did.
+    """
+    if pipeline.validate != "session":
+        return
+    from onnxslim_edge.errors import UnsupportedError
+    from onnxslim_edge.runtime import make_session
+
+    try:
+        make_session(model, optimization="disable")
+    except UnsupportedError as err:
+        raise UnsupportedError(
+            f"{src}: {err}; the passes' results cannot be checked (--no-verify skips the checks)"
+        ) from exc
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from onnxslim_edge.model import load_model
     from onnxslim_edge.verify import compare
 
     reference = load_model(args.reference)
     candidate = load_model(args.candidate)
+    _check_input_shapes(reference, args.input_shape)
     data = _data(args.data, reference, args)
     result = compare(
         reference,
@@ -280,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--preprocess",
             help="image preprocessing, e.g. '224x224,mean=0.485|0.456|0.406,std=0.229|0.224|0.225'",
         )
-        p.add_argument("--samples", type=int, help="use at most this many samples")
+        p.add_argument("--samples", type=_positive_int, help="use at most this many samples")
         p.add_argument(
             "--input-shape",
             action="append",
@@ -330,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", help="inputs: .npz, folder of .npz/.npy/images; default: random (smoke test)"
     )
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=_tolerance, default=1e-5)
+    p.add_argument("--atol", type=_tolerance, default=1e-5)
     p.add_argument(
         "--atol-mode",
         choices=("absolute", "range"),
@@ -357,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="onnxslim-edge-demo", help="folder for the optimized model and report"
     )
-    p.add_argument("--runs", type=int, default=30, help="timed runs per model for latency")
+    p.add_argument(
+        "--runs", type=_positive_int, default=30, help="timed runs per model for latency"
+    )
     p.add_argument(
         "--target",
         choices=("tensorrt", "onnxruntime-cpu"),
@@ -375,22 +486,72 @@ def _version() -> str:
     return f"onnxslim-edge {__version__}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt so every temporary file is removed."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean-up; SIGKILL still works
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread for the duration (then restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if getattr(args, "input_shape", None) is not None:
-            args.input_shape = _parse_shapes(args.input_shape)
-        level = logging.WARNING - 10 * min(args.verbose, 2)
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-        return args.func(args)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> None:
+    print("onnxslim-edge: " + " ".join(message.split()), file=sys.stderr)  # one line, always
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: send what is left of stdout to /dev/null (no error at exit)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    verbose = 0
+    try:
+        with _sigterm_unwinds():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            verbose = args.verbose
+            if getattr(args, "input_shape", None) is not None:
+                args.input_shape = _parse_shapes(args.input_shape)
+            level = logging.WARNING - 10 * min(args.verbose, 2)
+            logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+            rc = args.func(args)
+            sys.stdout.flush()  # a closed pipe raises here, inside the handlers below
+            return rc
     except OnnxSlimEdgeError as exc:
-        msg = " ".join(str(exc).split())  # one line, always
-        print(f"onnxslim-edge: error: {msg}", file=sys.stderr)
+        _error(f"error: {exc}")
+        return 2
+    except BrokenPipeError:  # `onnxslim-edge inspect m.onnx | head`: stop quietly
+        _quiet_stdout()
+        return 141
+    except OSError as exc:  # disk full, permission denied ...: the cause, not a traceback
+        if verbose:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error(f"error: {where}{exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
-        print("onnxslim-edge: interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
+    except Terminated:
+        _error("terminated (SIGTERM)")
+        return 143
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ Runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -153,12 +154,22 @@ def run_demo(
     `tensorrt` the Q/DQ layout is TensorRT's, which ONNX Runtime's CPU kernels run slower.
     """
     from onnxslim_edge.analysis import model_cost
-    from onnxslim_edge.model import load_model, save_model, write_text_atomic
+    from onnxslim_edge.model import Outputs, check_output_path, load_model
     from onnxslim_edge.pipeline import Context, Pipeline
     from onnxslim_edge.timing import measure_latency
 
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ConfigError(f"runs must be a positive integer, got {runs!r}")
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: the demo's output must be a folder; this is a file")
+    model_path = folder / "digits_cnn.optimized.onnx"
+    report_path = folder / "report.json"
+    if folder.is_dir():
+        for path in (model_path, report_path):
+            check_output_path(path, "demo output")
+    else:  # created at the end, when there is something to put in it
+        check_output_path(folder, "demo output folder")
     images, _ = load_digits_test()
     original = load_model(DIGITS_MODEL)
     input_name = original.graph.input[0].name
@@ -167,7 +178,6 @@ def run_demo(
     pipeline = Pipeline.from_recipe(EDGE_RECIPE, max_samples=len(images), target=target)
     result = pipeline.run(original, ctx)
 
-    model_path = save_model(result.model, folder / "digits_cnn.optimized.onnx")
     report = result.report.to_dict()
     before, after = model_cost(original), model_cost(result.model)
     acc_before, acc_after = digits_accuracy(original), digits_accuracy(result.model)
@@ -207,8 +217,18 @@ def run_demo(
         "latency": latency,
         "test_samples": len(images),
     }
-    report_path = folder / "report.json"
-    write_text_atomic(report_path, json.dumps(report, indent=2))
+    created = not folder.exists()
+    folder.mkdir(exist_ok=True)
+    try:
+        with Outputs() as outputs:  # the model and its report together, or neither
+            outputs.model(result.model, model_path)
+            outputs.text(report_path, json.dumps(report, indent=2))
+            outputs.commit()
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     if echo:
         from onnxslim_edge.pipeline import _format_rows
 

@@ -2,8 +2,11 @@
 
 Loading checks what an untrusted file can get wrong: missing or corrupt files, an empty
 protobuf, external-data locations that escape the model's folder, a failing ONNX
-checker. Saving writes a temporary file beside the target and renames it, so an output
-file appears whole or not at all; it never overwrites the input unless asked; it lowers
+checker. Saving stages every output of a run (model, external data, report) in temporary files
+beside their targets and renames them all at the end (`Outputs`), so outputs appear
+whole and together or not at all; `check_paths` refuses a run whose outputs would
+overwrite one of its inputs (model, external data, data files) before any work; saving
+never overwrites the input unless asked; it lowers
 `ir_version` to the lowest the model's opsets and data types need (ONNX Runtime 1.19
 and TensorRT 8.x refuse the IR versions that recent `onnx` writes); models over 2 GB
 go to external data (`<name>.data` beside the model).
@@ -14,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -29,11 +32,15 @@ from onnxslim_edge.errors import ConfigError, InvalidModelError, UnsupportedErro
 __all__ = [
     "PROTOBUF_LIMIT",
     "ModelSource",
+    "Outputs",
     "check_model",
+    "check_output_path",
+    "check_paths",
     "convert_opset",
     "iter_graphs",
     "iter_tensors",
     "load_model",
+    "load_model_and_files",
     "lower_ir_version",
     "min_ir_version",
     "model_bytes",
@@ -131,8 +138,10 @@ def min_ir_version(model: onnx.ModelProto) -> int:
     return max(ir, 3)
 
 
-def _check_external_locations(model: onnx.ModelProto, base_dir: Path, origin: str) -> None:
+def _check_external_locations(model: onnx.ModelProto, base_dir: Path, origin: str) -> list[Path]:
+    """Check every external-data location; return the (resolved) files they name."""
     base = base_dir.resolve()
+    files: dict[Path, None] = {}
     for tensor in iter_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -140,6 +149,11 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path, origin: st
         if not location:
             raise InvalidModelError(
                 f"{origin}: tensor '{tensor.name}' has external data without a location"
+            )
+        if "\x00" in location:
+            raise InvalidModelError(
+                f"{origin}: external data location {location!r} of tensor '{tensor.name}' "
+                "contains a NUL byte"
             )
         if os.path.isabs(location) or Path(location).drive:
             raise InvalidModelError(
@@ -156,6 +170,8 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path, origin: st
             raise InvalidModelError(
                 f"{origin}: external data file '{location}' of tensor '{tensor.name}' is missing"
             )
+        files[target] = None
+    return list(files)
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -174,6 +190,17 @@ def load_model(
     checking that every location stays inside it. Raises InvalidModelError naming the
     file and the cause for anything malformed.
     """
+    return load_model_and_files(source, base_dir=base_dir, check=check)[0]
+
+
+def load_model_and_files(
+    source: ModelSource,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    check: bool = True,
+) -> tuple[onnx.ModelProto, list[Path]]:
+    """`load_model`, plus the files it read: the model file and its external-data files."""
+    files: list[Path] = []
     if isinstance(source, onnx.ModelProto):
         model, origin = source, "<ModelProto>"
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -187,6 +214,7 @@ def load_model(
         if path.is_dir():
             raise InvalidModelError(f"{origin}: is a folder, not an ONNX model file")
         model = _parse(path.read_bytes(), origin)
+        files.append(path)
         if base_dir is None:
             base_dir = path.parent
     else:
@@ -195,14 +223,17 @@ def load_model(
     if _has_external_data(model):
         if base_dir is None:
             raise InvalidModelError(f"{origin}: the model has external data; give base_dir")
-        _check_external_locations(model, Path(base_dir), origin)
+        files.extend(_check_external_locations(model, Path(base_dir), origin))
         try:
             external_data_helper.load_external_data_for_model(model, str(base_dir))
-        except (OSError, ValueError) as exc:
-            raise InvalidModelError(f"{origin}: cannot read external data ({exc})") from exc
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            # ValidationError: onnx refuses e.g. a data file with several hard links
+            raise InvalidModelError(
+                f"{origin}: cannot read external data ({first_line(exc)})"
+            ) from exc
     if check:
         check_model(model, origin)
-    return model
+    return model, files
 
 
 def _parse(data: bytes, origin: str) -> onnx.ModelProto:
@@ -247,12 +278,22 @@ def lower_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+def _write(
+    model: onnx.ModelProto,
+    path: Path,
+    *,
+    external: bool,
+    data_path: Path | None = None,
+    location: str | None = None,
+) -> None:
+    """Serialize `model` to `path`; with `external`, large tensors go to `data_path`
+    (default: `path.name + ".data"` beside it), named `location` in the model."""
     ir_before = model.ir_version
     model.ir_version = _lowered(model)
     try:
         if external:
-            _write_external(model, path)
+            data_path = data_path or path.with_name(path.name + ".data")
+            _write_external(model, path, data_path, location or data_path.name)
         else:
             path.write_bytes(model.SerializeToString())
     finally:
@@ -263,17 +304,16 @@ def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
 _EXTERNAL_THRESHOLD = 1024
 
 
-def _write_external(model: onnx.ModelProto, path: Path) -> None:
-    """`path` plus `path.name + ".data"`, without copying the model.
+def _write_external(model: onnx.ModelProto, path: Path, data_path: Path, location: str) -> None:
+    """`path` plus its tensors in `data_path` (named `location` in the model), no copy.
 
     Each large tensor's bytes are moved to the data file and the tensor points there
     while the (now small) model is serialized; then every tensor is restored, also on
     error. Peak memory stays at the model plus one tensor, where a copy would double it.
     """
-    location = path.name + ".data"
     moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
     try:
-        with open(path.parent / location, "wb") as data:
+        with open(data_path, "wb") as data:
             for tensor in iter_tensors(model):
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
                     continue
@@ -303,6 +343,185 @@ def _write_external(model: onnx.ModelProto, path: Path) -> None:
             tensor.raw_data = raw
 
 
+def check_output_path(path: str | os.PathLike, what: str = "output", *, probe: bool = True) -> Path:
+    """`path` as a Path if a file can be written there; ConfigError naming the cause if not.
+
+    Refuses a folder, a missing folder, an existing non-regular file (a device, a FIFO)
+    and, with `probe`, a folder where a temporary file cannot be created (read-only).
+    """
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError(f"{target}: {what} is a folder; give a file name")
+    if not folder.is_dir():
+        raise ConfigError(f"{target}: {what} folder does not exist")
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"{target}: {what} exists and is not a regular file")
+    if probe:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise ConfigError(
+                f"{target}: cannot write the {what} in {folder} ({exc.strerror or exc})"
+            ) from None
+        os.close(fd)
+        os.unlink(name)
+    return target
+
+
+def _identity(path: Path) -> tuple[Path, tuple[int, int] | None]:
+    """(resolved path, (device, inode) when the file exists): two names of one file match."""
+    resolved = path.resolve()
+    try:
+        st = os.stat(resolved)
+    except (OSError, ValueError):
+        return resolved, None
+    return resolved, (st.st_dev, st.st_ino)
+
+
+def check_paths(
+    writes: Sequence[tuple[str, str | os.PathLike]],
+    reads: Sequence[tuple[str, str | os.PathLike]],
+    *,
+    allow: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = (),
+) -> None:
+    """Refuse a run that would write over a file it reads or write one file twice.
+
+    `writes` and `reads` are (what, path) pairs, e.g. ("--report", "r.json") and
+    ("the input model", "m.onnx"). Paths match when they resolve to the same path or
+    name the same file (hard links: same device and inode). `allow` lists (write, read)
+    pairs that may coincide (the input overwritten on purpose). ConfigError, one line.
+    """
+    allowed = {(_identity(Path(w))[0], _identity(Path(r))[0]) for w, r in allow}
+    read_ids = [(what, Path(p), *_identity(Path(p))) for what, p in reads]
+    written: list[tuple[str, Path, Path, tuple[int, int] | None]] = []
+    for what, p in writes:
+        path = Path(p)
+        resolved, inode = _identity(path)
+        for other, other_path, other_resolved, other_inode in read_ids:
+            same = resolved == other_resolved or (inode is not None and inode == other_inode)
+            if same and (resolved, other_resolved) not in allowed:
+                raise ConfigError(
+                    f"{path}: {what} would overwrite {other} ({other_path}); choose another path"
+                )
+        for other, _, other_resolved, other_inode in written:
+            if resolved == other_resolved or (inode is not None and inode == other_inode):
+                raise ConfigError(
+                    f"{path}: {what} and {other} are the same file; choose another path"
+                )
+        written.append((what, path, resolved, inode))
+
+
+def _file_mode() -> int:
+    """Permissions a new file gets here (0o666 less the umask); mkstemp would give 0o600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while outputs are renamed into place (all or none)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
+class Outputs:
+    """The files one run writes, committed together or not at all.
+
+    Each output is written to a temporary file beside its target (`.NAME.XXXX.tmp`, so
+    the rename stays on one file system); `commit` renames them all into place with
+    SIGINT/SIGTERM held back; leaving the `with` block without a commit, on an error or
+    an interrupt, removes every temporary file and leaves no output.
+
+        with Outputs() as out:
+            out.model(model, "o.onnx")
+            out.text("report.json", text)
+            out.commit()
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, target), in commit order
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def _temp(self, target: Path, what: str) -> Path:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise ConfigError(
+                f"{target}: cannot write the {what} in {target.parent} ({exc.strerror or exc})"
+            ) from None
+        tmp = Path(name)
+        self._staged.append((tmp, target))
+        os.close(fd)
+        os.chmod(tmp, _file_mode())
+        return tmp
+
+    def model(
+        self,
+        model: onnx.ModelProto,
+        path: str | os.PathLike,
+        *,
+        external_data: bool | None = None,
+        opset: int | None = None,
+    ) -> Path:
+        """Stage `model` for `path` (and `path.name + ".data"` when external); see save_model."""
+        target = check_output_path(path, "output", probe=False)
+        if opset is not None:
+            model = convert_opset(model, opset)
+        if external_data is None:
+            external_data = model_bytes(model) >= PROTOBUF_LIMIT
+        data = None
+        if external_data:  # staged first: committed before the model that refers to it
+            data_target = check_output_path(
+                target.with_name(target.name + ".data"), "external data", probe=False
+            )
+            data = self._temp(data_target, "external data")
+        tmp = self._temp(target, "output")
+        _write(model, tmp, external=external_data, data_path=data, location=target.name + ".data")
+        return target
+
+    def text(self, path: str | os.PathLike, text: str, what: str = "report") -> Path:
+        """Stage a text file (UTF-8) for `path`."""
+        target = check_output_path(path, what, probe=False)
+        tmp = self._temp(target, what)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return target
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file into place; return the targets."""
+        staged, self._staged = self._staged, []
+        try:
+            with _signals_blocked():
+                for tmp, target in staged:
+                    os.replace(tmp, target)
+        except OSError as exc:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise ConfigError(f"{target}: cannot write ({exc.strerror or exc})") from None
+        return [target for _, target in staged]
+
+    def discard(self) -> None:
+        """Remove every staged temporary file (nothing was committed)."""
+        staged, self._staged = self._staged, []
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -312,7 +531,7 @@ def save_model(
     external_data: bool | None = None,
     opset: int | None = None,
 ) -> Path:
-    """Save atomically; return the path written.
+    """Save atomically (see `Outputs`); return the path written.
 
     - `input_path`: the file the model came from; saving over it needs `overwrite_input`.
     - `external_data`: None chooses it when the tensors exceed protobuf's 2 GB limit.
@@ -326,43 +545,18 @@ def save_model(
             raise ConfigError(
                 f"{path}: refusing to overwrite the input model; choose another output"
             )
-    if path.is_dir():
-        raise ConfigError(f"{path}: output is a folder; give a file name")
-    if not path.parent.exists():
-        raise ConfigError(f"{path}: output folder does not exist")
-    if opset is not None:
-        model = convert_opset(model, opset)
-    if external_data is None:
-        external_data = model_bytes(model) >= PROTOBUF_LIMIT
-
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp = tmp_dir / path.name
-        _write(model, tmp, external=external_data)
-        data = tmp_dir / (path.name + ".data")
-        if data.exists():
-            os.replace(data, path.parent / data.name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with Outputs() as outputs:
+        outputs.model(model, path, external_data=external_data, opset=opset)
+        outputs.commit()
     log.debug("saved %s (external data: %s)", path, external_data)
     return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write a text file (reports, caches) whole or not at all: temp file, then rename."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise ConfigError(f"{target}: folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with Outputs() as outputs:
+        target = outputs.text(path, text, "file")
+        outputs.commit()
     return target
 
 

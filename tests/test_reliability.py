@@ -1,0 +1,527 @@
+"""Issue 15: never destroy a file, never a traceback, refuse bad numbers, bounded resources.
+
+One table (`CASES`) drives the bad-input promise through `onnxslim_edge.cli.main`: each
+row is an argv over files made from `_FILES`, its exit code and a fragment of the one
+stderr line; every row also asserts that no traceback reaches stderr, that no file is
+created, changed or removed (sha256 of everything in the folder, before and after).
+SIGTERM while saving and while checking a large model runs in a subprocess that is
+held inside the write by a patched `_write` and signalled once its temporary exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_edge.cli import main
+from onnxslim_edge.errors import ConfigError
+from onnxslim_edge.model import Outputs, check_paths, save_model
+
+# --------------------------------------------------------------------------- models
+
+
+def _conv_bn(opset: int = 13) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    c = 16  # the 16x3x3x3 weight (1.7 KB) goes to external data when saved that way
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node(
+            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"
+        ),
+        helper.make_node("Identity", ["b"], ["i"], name="id"),
+        helper.make_node("Relu", ["i"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _unknown_domain() -> onnx.ModelProto:
+    model = _conv_bn()
+    relu = model.graph.node[3]
+    relu.op_type, relu.domain = "Foo", "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    return model
+
+
+def _opset99() -> onnx.ModelProto:
+    model = _conv_bn()
+    model.opset_import[0].version = 99
+    return model
+
+
+def _opset1() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1)])
+    model.ir_version = 3
+    return model
+
+
+def _save_raw(model: onnx.ModelProto, path: Path) -> None:
+    path.write_bytes(model.SerializeToString())
+
+
+def _external_with_location(path: Path, location: str) -> None:
+    save_model(_conv_bn(), path, external_data=True)
+    raw = onnx.load(str(path), load_external_data=False)
+    for tensor in raw.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(raw.SerializeToString())
+
+
+def _recipe(text: str) -> Callable[[Path], None]:
+    return lambda path: path.write_text(textwrap.dedent(text), encoding="utf-8")
+
+
+#: Every file a row may use, made fresh in each row's folder.
+_FILES: dict[str, Callable[[Path], object]] = {
+    "m.onnx": lambda p: save_model(_conv_bn(), p),
+    "e.onnx": lambda p: save_model(_conv_bn(), p, external_data=True),  # + e.onnx.data
+    "nul.onnx": lambda p: _external_with_location(p, "w\x00.bin"),
+    "unknown.onnx": lambda p: _save_raw(_unknown_domain(), p),
+    "opset99.onnx": lambda p: _save_raw(_opset99(), p),
+    "opset1.onnx": lambda p: _save_raw(_opset1(), p),
+    "calib.npz": lambda p: np.savez(p, x=np.ones((2, 3, 8, 8), np.float32)),
+    "reportdir": lambda p: p.mkdir(),
+    "target_list.toml": _recipe('target = ["tensorrt"]\n[[pass]]\nname = "cleanup"\n'),
+    "verify_int.toml": _recipe('verify = 3\n[[pass]]\nname = "cleanup"\n'),
+    "verify_list.toml": _recipe('verify = [1, 2]\n[[pass]]\nname = "cleanup"\n'),
+    "cosine_nan.toml": _recipe('[[pass]]\nname = "cleanup"\n[verify]\nmin_cosine = nan\n'),
+    "sqnr_inf.toml": _recipe('[[pass]]\nname = "cleanup"\n[verify]\nmin_sqnr_db = inf\n'),
+}
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: tuple[str, ...]
+    fragment: str
+    rc: int = 2
+    setup: Callable[[Path], None] | None = field(default=None, compare=False)
+
+
+def _hardlink_report(folder: Path) -> None:
+    os.link(folder / "m.onnx", folder / "alias.json")
+
+
+def _symlink_output(folder: Path) -> None:
+    (folder / "link.onnx").symlink_to(folder / "m.onnx")
+
+
+_OPT = ("optimize", "m.onnx", "-o", "o.onnx", "--pass", "cleanup")
+
+CASES = [
+    # -- data destroyed: an output that is an input, two outputs one file, unwritable places
+    Case("report-is-input", (*_OPT, "--report", "m.onnx"), "--report would overwrite the input"),
+    Case("report-is-output", (*_OPT, "--report", "o.onnx"), "--report and -o are the same file"),
+    Case(
+        "report-is-output-data",
+        (*_OPT, "--report", "o.onnx.data"),
+        "--report and -o's external data are the same file",
+    ),
+    Case(
+        "output-is-input-data",
+        ("optimize", "e.onnx", "-o", "e.onnx.data", "--pass", "cleanup"),
+        "-o would overwrite the input's external data",
+    ),
+    Case(
+        "report-is-input-data",
+        ("optimize", "e.onnx", "-o", "o.onnx", "--pass", "cleanup", "--report", "e.onnx.data"),
+        "--report would overwrite the input's external data",
+    ),
+    Case(
+        "output-data-is-input-data-overwrite",
+        ("optimize", "e.onnx", "-o", "e.onnx.data", "--pass", "cleanup", "--overwrite"),
+        "-o would overwrite the input's external data",
+    ),
+    Case(
+        "report-is-calibration-data",
+        (*_OPT, "--calib", "calib.npz", "--report", "calib.npz"),
+        "--report would overwrite the calibration data",
+    ),
+    Case(
+        "report-hardlink-of-input",
+        (*_OPT, "--report", "alias.json"),
+        "--report would overwrite the input model",
+        setup=_hardlink_report,
+    ),
+    Case(
+        "output-symlink-to-input",
+        ("optimize", "link.onnx", "-o", "m.onnx", "--pass", "cleanup"),
+        "refusing to overwrite the input model",
+        setup=_symlink_output,
+    ),
+    Case("report-is-folder", (*_OPT, "--report", "reportdir"), "report is a folder"),
+    Case(
+        "output-is-folder",
+        ("optimize", "m.onnx", "-o", "reportdir", "--pass", "cleanup"),
+        "output is a folder",
+    ),
+    Case(
+        "output-is-device",
+        ("optimize", "m.onnx", "-o", "/dev/null", "--pass", "cleanup"),
+        "not a regular file",
+    ),
+    # -- tracebacks that were
+    Case("external-location-nul", ("inspect", "nul.onnx"), "contains a NUL byte"),
+    Case(
+        "unknown-domain-fold-batchnorm",
+        ("optimize", "unknown.onnx", "-o", "o.onnx", "--pass", "fold-batchnorm"),
+        "com.example:Foo(-1) is not a registered function/op; the passes' results cannot be checked",
+    ),
+    Case(
+        "unknown-domain-quantize",
+        ("optimize", "unknown.onnx", "-o", "o.onnx", "--pass", "quantize", "--calib", "random"),
+        "the passes' results cannot be checked (--no-verify skips the checks)",
+    ),
+    Case(
+        "opset99-fold-batchnorm",
+        ("optimize", "opset99.onnx", "-o", "o.onnx", "--pass", "fold-batchnorm"),
+        "Opset 99 is under development",
+    ),
+    Case(
+        "fp16-opset1",
+        ("optimize", "opset1.onnx", "-o", "o.onnx", "--pass", "fp16"),
+        "fp16: the model's opset 1 is older than 6",
+    ),
+    Case(
+        "recipe-target-list",
+        ("optimize", "m.onnx", "-o", "o.onnx", "--recipe", "target_list.toml"),
+        "target must be a string",
+    ),
+    Case(
+        "recipe-verify-int",
+        ("optimize", "m.onnx", "-o", "o.onnx", "--recipe", "verify_int.toml"),
+        "'verify' must be a table",
+    ),
+    Case(
+        "recipe-verify-list",
+        ("optimize", "m.onnx", "-o", "o.onnx", "--recipe", "verify_list.toml"),
+        "'verify' must be a table",
+    ),
+    Case(
+        "demo-runs-0",
+        ("demo", "--runs", "0", "--out", "demo"),
+        "--runs: expected a positive integer, got 0",
+    ),
+    Case(
+        "demo-runs-negative",
+        ("demo", "--runs", "-1", "--out", "demo"),
+        "expected a positive integer, got -1",
+    ),
+    Case("demo-out-file", ("demo", "--out", "m.onnx"), "the demo's output must be a folder"),
+    # -- bad numbers
+    Case(
+        "verify-rtol-nan",
+        ("verify", "m.onnx", "unknown.onnx", "--rtol", "nan"),
+        "--rtol: expected a finite number >= 0",
+    ),
+    Case(
+        "verify-atol-inf",
+        ("verify", "m.onnx", "m.onnx", "--atol", "inf"),
+        "--atol: expected a finite number >= 0",
+    ),
+    Case(
+        "verify-rtol-negative",
+        ("verify", "m.onnx", "m.onnx", "--rtol", "-1"),
+        "--rtol: expected a finite number >= 0",
+    ),
+    Case(
+        "recipe-min-cosine-nan",
+        ("optimize", "m.onnx", "-o", "o.onnx", "--recipe", "cosine_nan.toml"),
+        "verify.min_cosine must be a finite number, got nan",
+    ),
+    Case(
+        "recipe-min-sqnr-inf",
+        ("optimize", "m.onnx", "-o", "o.onnx", "--recipe", "sqnr_inf.toml"),
+        "verify.min_sqnr_db must be a finite number, got inf",
+    ),
+    Case(
+        "input-shape-unknown-input",
+        ("inspect", "m.onnx", "--input-shape", "y=1,16,8,8"),
+        "the model has no input 'y'; inputs: x",
+    ),
+    Case(
+        "input-shape-negative",
+        (*_OPT, "--input-shape", "x=-1,3,8,8"),
+        "--input-shape x=-1,3,8,8: input 'x' needs dims >= 1",
+    ),
+    Case(
+        "input-shape-zero",
+        ("verify", "m.onnx", "m.onnx", "--input-shape", "x=0,3,8,8"),
+        "input 'x' needs dims >= 1",
+    ),
+    Case(
+        "input-shape-wrong-rank",
+        ("inspect", "m.onnx", "--input-shape", "x=1,3,8"),
+        "input 'x' has 4 dims in the model, not 3",
+    ),
+    Case(
+        "input-shape-fixed-dim",
+        (*_OPT, "--input-shape", "x=1,4,8,8"),
+        "dim 1 of input 'x' is fixed at 3 in the model",
+    ),
+    Case(
+        "samples-zero",
+        ("verify", "m.onnx", "m.onnx", "--samples", "0"),
+        "--samples: expected a positive integer",
+    ),
+]
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (links by their target path), by relative name."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[rel] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("files")
+    for name, make in _FILES.items():
+        make(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(
+    case: Case,
+    files: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(files, work, symlinks=True)
+    if case.setup is not None:
+        case.setup(work)
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    rc = main(list(case.argv))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected exactly one stderr line, got {err!r}"
+    assert lines[0].startswith("onnxslim-edge: error:"), lines[0]
+    assert case.fragment in lines[0]
+    assert rc == case.rc
+    assert _snapshot(work) == before, "no file may be created, changed or removed"
+
+
+# --------------------------------------------------------------------------- unwritable places
+
+
+def _make_read_only(folder: Path) -> Callable[[], None]:
+    """Make `folder` unwritable (chmod, or chattr +i for root); return the undo, or skip."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    chattr = shutil.which("chattr")
+    if chattr and subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode == 0:
+        return lambda: subprocess.run([chattr, "-i", str(folder)], check=True)
+    pytest.skip("cannot make a folder read-only here (root without chattr +i)")
+
+
+@pytest.mark.parametrize("which", ["output", "report"])
+def test_read_only_folder_is_one_line_and_leaves_nothing(
+    which: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    src = save_model(_conv_bn(), tmp_path / "m.onnx")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = locked / "o.onnx" if which == "output" else tmp_path / "o.onnx"
+    report = locked / "r.json" if which == "report" else tmp_path / "r.json"
+    undo = _make_read_only(locked)
+    try:
+        before = _snapshot(tmp_path)
+        rc = main(
+            ["optimize", str(src), "-o", str(out), "--pass", "cleanup", "--report", str(report)]
+        )
+        after = _snapshot(tmp_path)
+    finally:
+        undo()
+    err = capfd.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and f"cannot write the {which} in {locked}" in err
+    assert after == before
+
+
+def test_outputs_commit_together_or_not_at_all(tmp_path: Path) -> None:
+    """A failure while staging the second output removes the first's temporary file."""
+    model = _conv_bn()
+    with pytest.raises(ConfigError, match="is a folder"), Outputs() as outputs:
+        outputs.model(model, tmp_path / "o.onnx", external_data=True)
+        assert len(list(tmp_path.iterdir())) == 2  # model and data staged, not committed
+        outputs.text(tmp_path, "{}")
+    assert list(tmp_path.iterdir()) == []
+    with Outputs() as outputs:
+        outputs.model(model, tmp_path / "o.onnx", external_data=True)
+        outputs.text(tmp_path / "r.json", "{}")
+        committed = outputs.commit()
+    assert committed == [tmp_path / "o.onnx.data", tmp_path / "o.onnx", tmp_path / "r.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "o.onnx.data", "r.json"]
+    loaded = onnx.load(str(tmp_path / "o.onnx"))
+    assert onnx.numpy_helper.to_array(loaded.graph.initializer[0]).shape == (16, 3, 3, 3)
+    assert oct((tmp_path / "o.onnx").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_check_paths_names_both_sides(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"--report would overwrite the input model \("):
+        check_paths(
+            [("--report", tmp_path / "sub" / ".." / "m.onnx")], [("the input model", model)]
+        )
+    check_paths([("-o", model)], [("the input model", model)], allow=[(model, model)])
+
+
+def test_overwrite_replaces_the_input_on_purpose(tmp_path: Path) -> None:
+    src = save_model(_conv_bn(), tmp_path / "e.onnx", external_data=True)
+    before = src.read_bytes()
+    assert (
+        main(["optimize", str(src), "-o", str(src), "--pass", "cleanup", "--overwrite", "-q"]) == 0
+    )
+    assert src.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.onnx", "e.onnx.data"]
+
+
+def test_closed_stdout_ends_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+    """`inspect m.onnx | head -1`: the reader went away; no BrokenPipeError, exit 141."""
+    src = save_model(_conv_bn(), tmp_path / "m.onnx")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        rc = main(["inspect", str(src)])
+    finally:
+        monkeypatch.undo()
+        stdout.close()
+    assert rc == 141
+    assert capfd.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+_HOLD_IN_WRITE = """
+import os, sys, time
+from pathlib import Path
+import onnxslim_edge.model as m
+
+marker, limit = Path(sys.argv[1]), sys.argv[2]
+if limit:
+    m.PROTOBUF_LIMIT = int(limit)  # the >2 GB code path, on a small model
+write = m._write
+
+def held(model, path, **kw):
+    write(model, path, **kw)
+    marker.write_text(str(path))
+    time.sleep(60)
+
+m._write = held
+from onnxslim_edge.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _terminate_inside_write(
+    tmp_path: Path, argv: list[str], limit: str = "", env=None
+) -> tuple[int, str, Path]:
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_IN_WRITE, str(marker), limit, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the child never reached the write"
+            time.sleep(0.05)
+        written = Path(marker.read_text())
+        assert written.exists(), "the temporary file exists while the write is held"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err, written
+
+
+def test_sigterm_while_saving_leaves_no_temporary_and_no_output(tmp_path: Path) -> None:
+    src = save_model(_conv_bn(), tmp_path / "m.onnx")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["optimize", str(src), "-o", str(out_dir / "o.onnx"), "--pass", "cleanup", "-q"]
+    argv += ["--report", str(out_dir / "r.json")]
+    rc, err, written = _terminate_inside_write(tmp_path, argv)
+    assert written.parent == out_dir and written.name.startswith(".o.onnx.")
+    assert rc == 143, err
+    assert err.strip().splitlines()[-1] == "onnxslim-edge: terminated (SIGTERM)"
+    assert "Traceback" not in err
+    assert list(out_dir.iterdir()) == [], "no temporary file and no output may remain"
+
+
+def test_sigterm_while_inspect_checks_a_large_model_leaves_no_copy(tmp_path: Path) -> None:
+    src = save_model(_conv_bn(), tmp_path / "m.onnx")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    rc, err, written = _terminate_inside_write(
+        tmp_path, ["inspect", str(src)], limit="1024", env=env
+    )
+    assert tmpdir in written.parents, "the >2 GB check writes its copy under $TMPDIR"
+    assert rc == 143 and "Traceback" not in err, err
+    assert list(tmpdir.iterdir()) == [], "the partial copy must be removed"
