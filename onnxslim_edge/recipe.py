@@ -7,6 +7,7 @@ one `ConfigError` naming the file and the key for anything it cannot use.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,8 +79,15 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
             raise ConfigError(f"{origin}: [[pass]] number {i + 1} has no name")
         passes.append(create_pass(name, **options))
     target = doc.get("target", "tensorrt")
+    if not isinstance(target, str):
+        raise ConfigError(f'{origin}: target must be a string, e.g. target = "tensorrt"')
     get_target(target)
-    floors = dict(doc.get("verify", {}))
+    verify = doc.get("verify", {})
+    if not isinstance(verify, Mapping):
+        raise ConfigError(
+            f"{origin}: 'verify' must be a table ([verify] with {', '.join(FLOOR_KEYS)})"
+        )
+    floors = dict(verify)
     bad = sorted(set(floors) - set(FLOOR_KEYS))
     if bad:
         raise ConfigError(
@@ -87,4 +95,6 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         )
     for key, value in floors.items():
         floors[key] = coerce(value, float, f"{origin}: verify.{key}")
+        if not math.isfinite(floors[key]):
+            raise ConfigError(f"{origin}: verify.{key} must be a finite number, got {value!r}")
     return Recipe(tuple(passes), target=target, floors=floors)

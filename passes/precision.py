@@ -123,6 +123,14 @@ class ConvertFP16(Pass):
             if node.op in _CONTROL_FLOW:
                 report.skip(node, f"{node.op} has subgraphs: model left unchanged")
                 return report
+        opset = _opset(graph)
+        if opset < 6:  # Cast-1 names its target type with a string; every Cast here is Cast-6
+            from onnxslim_edge.errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"fp16: the model's opset {opset} is older than 6, whose Cast the conversion "
+                "needs; convert the model to opset 6 or newer first"
+            )
         graph.toposort()
         _Converter(graph, self.config, report).run()
         return report
