@@ -94,6 +94,31 @@ def _check_input_shapes(model: Any, shapes: dict[str, tuple[int, ...]] | None) -
                 )
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed for numpy's generators (an integer >= 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _opset(text: str) -> int:
+    """argparse type: a default-domain opset this onnx knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= newest:
+        raise argparse.ArgumentTypeError(f"expected an opset from 1 to {newest}, got {value}")
+    return value
+
+
 def _tolerance(text: str) -> float:
     """argparse type: a finite number >= 0 (NaN would make every comparison pass)."""
     try:
@@ -396,13 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="NAME=D0,D1,..",
             help="concrete shape for symbolic input dims (repeatable)",
         )
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
 
     p = sub.add_parser("inspect", help="params, size, MACs, ops, inputs and outputs of a model")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
+    p.add_argument("-q", "--quiet", action="store_true", help="no ONNX Runtime warnings")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("optimize", help="run passes on a model and save the result")
@@ -425,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the recipe's, else tensorrt",
     )
     p.add_argument("--report", help="write the pipeline report as JSON here")
-    p.add_argument("--opset", type=int, help="convert the result to this opset")
+    p.add_argument("--opset", type=_opset, help="convert the result to this opset")
     p.add_argument("--overwrite", action="store_true", help="allow -o to be the input file")
     p.add_argument(
         "--no-verify", action="store_true", help="skip validation and lossless output checks"
@@ -531,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.input_shape = _parse_shapes(args.input_shape)
             level = logging.WARNING - 10 * min(args.verbose, 2)
             logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+            if getattr(args, "quiet", False):  # ONNX Runtime's own warnings too
+                from onnxslim_edge.runtime import set_ort_log_severity
+
+                set_ort_log_severity(3)
             rc = args.func(args)
             sys.stdout.flush()  # a closed pipe raises here, inside the handlers below
             return rc

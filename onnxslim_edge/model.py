@@ -46,6 +46,7 @@ __all__ = [
     "model_bytes",
     "model_on_disk",
     "save_model",
+    "skeleton",
     "tensor_bytes",
     "write_text_atomic",
 ]
@@ -251,16 +252,141 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
     return model
 
 
-def check_model(model: onnx.ModelProto, origin: str = "<model>") -> None:
-    """Run the ONNX checker; raise InvalidModelError with its first line on failure."""
+#: `skeleton` keeps tensors below this many bytes (shape tensors, scalars) with their data.
+SKELETON_THRESHOLD = 1024
+#: The external-data location a skeleton's stand-ins name (`check_model` makes it a sparse file).
+SKELETON_DATA = "skeleton.data"
+
+
+class _Stubs:
+    """Makes data-less external stand-ins for large tensors, at consecutive offsets."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.end = 0  # bytes the stand-ins span in SKELETON_DATA
+
+    def __call__(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if not external and tensor.ByteSize() < self.threshold:
+            return tensor
+        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        stub.doc_string = tensor.doc_string
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        length = _declared_bytes(tensor)
+        for key, value in (("location", SKELETON_DATA), ("offset", self.end), ("length", length)):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.end += length
+        return stub
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes `tensor` holds by its dims and type, without touching its data (no copy)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return tensor_bytes(tensor)
     try:
-        if model_bytes(model) < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return tensor.ByteSize()
+    count = 1
+    for d in tensor.dims:
+        count *= max(int(d), 0)
+    return count * itemsize
+
+
+def _skeleton_node(node: onnx.NodeProto, stub: _Stubs) -> onnx.NodeProto:
+    copy = onnx.NodeProto(
+        name=node.name, op_type=node.op_type, domain=node.domain, doc_string=node.doc_string
+    )
+    if node.HasField("overload"):
+        copy.overload = node.overload
+    copy.input.extend(node.input)
+    copy.output.extend(node.output)
+    copy.metadata_props.extend(node.metadata_props)
+    for attr in node.attribute:
+        kind = attr.type
+        if kind not in (
+            onnx.AttributeProto.TENSOR,
+            onnx.AttributeProto.TENSORS,
+            onnx.AttributeProto.GRAPH,
+            onnx.AttributeProto.GRAPHS,
+        ):
+            copy.attribute.append(attr)
+            continue
+        new = copy.attribute.add(name=attr.name, type=kind, doc_string=attr.doc_string)
+        if attr.ref_attr_name:
+            new.ref_attr_name = attr.ref_attr_name
+        if kind == onnx.AttributeProto.TENSOR:
+            new.t.CopyFrom(stub(attr.t))
+        elif kind == onnx.AttributeProto.TENSORS:
+            new.tensors.extend(stub(t) for t in attr.tensors)
+        elif kind == onnx.AttributeProto.GRAPH:
+            new.g.CopyFrom(_skeleton_graph(attr.g, stub))
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                _write(model, path, external=True)
-                onnx.checker.check_model(str(path))
+            new.graphs.extend(_skeleton_graph(g, stub) for g in attr.graphs)
+    return copy
+
+
+def _skeleton_graph(graph: onnx.GraphProto, stub: _Stubs) -> onnx.GraphProto:
+    copy = onnx.GraphProto(name=graph.name, doc_string=graph.doc_string)
+    for key in ("input", "output", "value_info", "quantization_annotation", "metadata_props"):
+        getattr(copy, key).extend(getattr(graph, key))
+    copy.sparse_initializer.extend(graph.sparse_initializer)
+    copy.initializer.extend(stub(t) for t in graph.initializer)
+    copy.node.extend(_skeleton_node(n, stub) for n in graph.node)
+    return copy
+
+
+def skeleton(model: onnx.ModelProto, threshold: int | None = None) -> onnx.ModelProto:
+    """A copy of `model` without the data of tensors over `threshold` bytes
+    (default SKELETON_THRESHOLD).
+
+    Each such tensor (initializer or Constant/attribute tensor, subgraphs included)
+    becomes an external-data stand-in in `SKELETON_DATA` with its name, type, dims and
+    byte length: what the ONNX checker and shape inference read (the small shape tensors
+    keep their data). Memory is the graph's structure, not its weights: analyses need
+    not serialize the whole model (twice its size) for onnx's C++ code. Never run or
+    save a skeleton as a model.
+    """
+    copy = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):  # repeated: opset_import, metadata_props, functions ...
+            getattr(copy, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    stubs = _Stubs(SKELETON_THRESHOLD if threshold is None else threshold)
+    copy.graph.CopyFrom(_skeleton_graph(model.graph, stubs))
+    return copy
+
+
+def _skeleton_span(model: onnx.ModelProto) -> int:
+    """Bytes a skeleton's stand-ins span in SKELETON_DATA."""
+    end = 0
+    for tensor in iter_tensors(model):
+        info = {e.key: e.value for e in tensor.external_data}
+        if info.get("location") == SKELETON_DATA:
+            end = max(end, int(info.get("offset", 0)) + int(info.get("length", 0)))
+    return end
+
+
+def check_model(model: onnx.ModelProto, origin: str = "<model>") -> None:
+    """Run the ONNX checker; raise InvalidModelError with its first line on failure.
+
+    The checker reads a `skeleton` of the model from a temporary folder, its stand-ins'
+    data file a sparse file of the right size: no copy of the weights, whatever the size.
+    """
+    skel = skeleton(model)
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxslim-edge-check-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            with open(Path(tmp) / SKELETON_DATA, "wb") as data:
+                data.truncate(_skeleton_span(skel))  # sparse: no disk blocks, no memory
+            path.write_bytes(skel.SerializeToString())
+            onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         first = first_line(exc)
         raise InvalidModelError(f"{origin}: fails the ONNX checker: {first}") from exc

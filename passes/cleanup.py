@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -317,6 +318,8 @@ def _fold_one(
     subgraph outputs, whose producers stay."""
     outputs = kept | {t.name for t in graph.outputs}
 
+    deferred: list[Any] = []  # growing ops whose size may be known once inputs fold
+
     def exclude(node: Any) -> bool:
         if node.op in NONDETERMINISTIC_OPS:
             return True
@@ -325,8 +328,16 @@ def _fold_one(
                 return True  # a graph output stays computed: runtimes expect a producer
             shape, dtype = shapes.get(out.name, (None, None))
             static = shape is not None and all(isinstance(d, int) for d in shape)
-            if static and dtype is not None and _volume(shape) * dtype.itemsize > limit:
-                return True
+            if static and dtype is not None:
+                if _volume(shape) * dtype.itemsize > limit:
+                    return True
+            elif node.op in GROWING_OPS:  # size unknown to shape inference: bound it first
+                bound = _growth_bytes(node, shapes)
+                if bound is None:
+                    deferred.append(node)
+                    return True
+                if bound > limit:
+                    return True
         return False
 
     _fold_static_shapes(graph, shapes, outputs)
@@ -352,18 +363,25 @@ def _fold_one(
 
     # gs folds through ONNX Runtime sessions of its own; their optimizer warnings are noise
     try:
-        with ort_log_severity(3), G_LOGGER.suppress(G_LOGGER.CRITICAL):
-            try:
-                graph.fold_constants(error_ok=False, **options)
-            except Exception as exc:
-                report.warn(
-                    f"constant folding of '{graph.name}' failed as a whole ({first_line(exc)}); "
-                    "folding part by part"
-                )
-                try:  # gs 0.6 "basic" partitioning recurses forever on a failing part
-                    graph.fold_constants(error_ok=True, partitioning="recursive", **options)
-                except Exception as exc2:
-                    report.warn(f"constant folding of '{graph.name}' skipped: {first_line(exc2)}")
+        for _ in range(4):  # again while a deferred growing op may now have constant inputs
+            deferred.clear()
+            constants = _constant_count(graph)
+            with ort_log_severity(3), G_LOGGER.suppress(G_LOGGER.CRITICAL):
+                try:
+                    graph.fold_constants(error_ok=False, **options)
+                except Exception as exc:
+                    report.warn(
+                        f"constant folding of '{graph.name}' failed as a whole "
+                        f"({first_line(exc)}); folding part by part"
+                    )
+                    try:  # gs 0.6 "basic" partitioning recurses forever on a failing part
+                        graph.fold_constants(error_ok=True, partitioning="recursive", **options)
+                    except Exception as exc2:
+                        report.warn(
+                            f"constant folding of '{graph.name}' skipped: {first_line(exc2)}"
+                        )
+            if not deferred or _constant_count(graph) == constants:
+                break
     finally:
         graph.ir_version = ir_version
 
@@ -536,6 +554,70 @@ def _name_owners(graph: gs.Graph) -> dict[str, set[int]]:
         for name, tensor in scope.tensors().items():
             owners[name].add(id(tensor))
     return dict(owners)
+
+
+#: Ops whose output can be far larger than their inputs (a 200-byte model can ask for
+#: GBs). Where shape inference cannot size their output, they fold only when a bound
+#: computed from their constant inputs fits the budget: ONNX Runtime never evaluates them
+#: past it.
+GROWING_OPS = frozenset(
+    {"ConstantOfShape", "Tile", "Expand", "Range", "Resize", "Upsample", "Pad", "OneHot",
+     "EyeLike", "CenterCropPad", "Col2Im"}
+)  # fmt: skip
+
+
+def _growth_bytes(node: Any, shapes: dict[str, Any]) -> int | None:
+    """Upper bound on the bytes a GROWING_OPS node outputs, from its constant inputs
+    (8 bytes per element: any numeric dtype); None when it cannot be bounded (yet)."""
+
+    def value(i: int) -> np.ndarray | None:
+        return const_value(node.inputs[i]) if len(node.inputs) > i else None
+
+    def shape_of(i: int) -> tuple[int, ...] | None:
+        v = value(i)
+        if v is not None:
+            return tuple(v.shape)
+        shape = shapes.get(node.inputs[i].name, (None, None))[0] if len(node.inputs) > i else None
+        return (
+            tuple(shape) if shape is not None and all(isinstance(d, int) for d in shape) else None
+        )
+
+    try:
+        if node.op == "ConstantOfShape":
+            dims = value(0)
+            count = None if dims is None else math.prod(int(d) for d in dims.reshape(-1))
+        elif node.op == "Tile":
+            shape, repeats = shape_of(0), value(1)
+            count = (
+                None
+                if shape is None or repeats is None
+                else math.prod(shape) * math.prod(int(r) for r in repeats.reshape(-1))
+            )
+        elif node.op == "Expand":
+            shape, target = shape_of(0), value(1)
+            count = (
+                None
+                if shape is None or target is None
+                else math.prod(
+                    np.broadcast_shapes(shape, tuple(int(d) for d in target.reshape(-1)))
+                )
+            )
+        elif node.op == "Range":
+            start, stop, delta = value(0), value(1), value(2)
+            count = (
+                None
+                if start is None or stop is None or delta is None
+                else math.ceil((float(stop) - float(start)) / float(delta))
+            )
+        else:
+            count = None
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError):
+        return None
+    return None if count is None else max(int(count), 0) * 8
+
+
+def _constant_count(graph: gs.Graph) -> int:
+    return sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
 
 
 def _volume(shape: tuple[int, ...]) -> int:

@@ -302,6 +302,12 @@ CASES = [
         "dim 1 of input 'x' is fixed at 3 in the model",
     ),
     Case(
+        "seed-negative",
+        ("verify", "m.onnx", "m.onnx", "--seed", "-5"),
+        "--seed: expected an integer >= 0, got -5",
+    ),
+    Case("opset-unknown", (*_OPT, "--opset", "1000"), "--opset: expected an opset from 1 to"),
+    Case(
         "samples-zero",
         ("verify", "m.onnx", "m.onnx", "--samples", "0"),
         "--samples: expected a positive integer",
@@ -454,30 +460,35 @@ def test_closed_stdout_ends_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 _HOLD_IN_WRITE = """
 import os, sys, time
 from pathlib import Path
+import onnx
 import onnxslim_edge.model as m
 
-marker, limit = Path(sys.argv[1]), sys.argv[2]
-if limit:
-    m.PROTOBUF_LIMIT = int(limit)  # the >2 GB code path, on a small model
-write = m._write
+marker, where = Path(sys.argv[1]), sys.argv[2]
 
-def held(model, path, **kw):
-    write(model, path, **kw)
-    marker.write_text(str(path))
-    time.sleep(60)
+def hold(real):
+    def held(*args, **kw):
+        real(*args, **kw) if where == "write" else None
+        partial = marker.with_suffix(".partial")  # renamed: the parent never reads it half-written
+        partial.write_text(str(args[1] if where == "write" else args[0]))
+        os.replace(partial, marker)
+        time.sleep(60)
+    return held
 
-m._write = held
+if where == "write":
+    m._write = hold(m._write)
+else:  # the checker, reading its skeleton from a temporary folder
+    onnx.checker.check_model = hold(onnx.checker.check_model)
 from onnxslim_edge.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
 
 def _terminate_inside_write(
-    tmp_path: Path, argv: list[str], limit: str = "", env=None
+    tmp_path: Path, argv: list[str], where: str = "write", env=None
 ) -> tuple[int, str, Path]:
     marker = tmp_path / "marker"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_IN_WRITE, str(marker), limit, *argv],
+        [sys.executable, "-c", _HOLD_IN_WRITE, str(marker), where, *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -514,14 +525,160 @@ def test_sigterm_while_saving_leaves_no_temporary_and_no_output(tmp_path: Path) 
     assert list(out_dir.iterdir()) == [], "no temporary file and no output may remain"
 
 
-def test_sigterm_while_inspect_checks_a_large_model_leaves_no_copy(tmp_path: Path) -> None:
+def test_sigterm_while_inspect_checks_a_model_leaves_nothing_in_tmpdir(tmp_path: Path) -> None:
+    """The checker reads a skeleton (and a sparse data file) from $TMPDIR: any size."""
     src = save_model(_conv_bn(), tmp_path / "m.onnx")
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     env = {**os.environ, "TMPDIR": str(tmpdir)}
     rc, err, written = _terminate_inside_write(
-        tmp_path, ["inspect", str(src)], limit="1024", env=env
+        tmp_path, ["inspect", str(src)], where="checker", env=env
     )
-    assert tmpdir in written.parents, "the >2 GB check writes its copy under $TMPDIR"
+    assert tmpdir in written.parents, "the checker reads its files under $TMPDIR"
     assert rc == 143 and "Traceback" not in err, err
-    assert list(tmpdir.iterdir()) == [], "the partial copy must be removed"
+    assert list(tmpdir.iterdir()) == [], "the temporary files must be removed"
+
+
+# --------------------------------------------------------------------------- resource limits
+
+
+def _constant_of_shape_model(dims: tuple[int, int]) -> onnx.ModelProto:
+    """y = x + sum(ConstantOfShape(Abs(dims))): shape inference cannot size the constant."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Abs", ["dims"], ["d"], name="abs"),
+            helper.make_node(
+                "ConstantOfShape",
+                ["d"],
+                ["big"],
+                name="fill",
+                value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]),
+            ),
+            helper.make_node("ReduceSum", ["big"], ["r"], keepdims=0, name="sum"),
+            helper.make_node("Add", ["x", "r"], ["y"], name="add"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.array(dims, np.int64), "dims")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize(
+    ("dims", "folded_ops"),
+    [
+        ((10, 10), {"Abs", "ConstantOfShape", "ReduceSum"}),  # 400 B: folded once Abs is
+        ((4096, 4096), {"Abs"}),  # 64 MiB > the 16 MiB budget: computed at run time
+    ],
+)
+def test_cleanup_folds_growing_ops_only_within_budget(
+    dims: tuple[int, int], folded_ops: set[str]
+) -> None:
+    from onnxslim_edge.pipeline import Pipeline
+
+    model = _constant_of_shape_model(dims)
+    result = Pipeline(["cleanup"], validate="none", verify_lossless=False).run(model)
+    kept = {n.op_type for n in result.model.graph.node}
+    assert kept == {"Abs", "ConstantOfShape", "ReduceSum", "Add"} - folded_ops
+    folded = max((t for t in result.model.graph.initializer), key=lambda t: len(t.raw_data))
+    assert len(folded.raw_data) <= 16 * 2**20
+    from onnxslim_edge.runtime import make_session
+
+    x = np.zeros(1, np.float32)
+    want = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(make_session(result.model).run(None, {"x": x})[0], want)
+
+
+def _endless_loop_model() -> onnx.ModelProto:
+    """A Loop of 10^9 iterations whose scan output ONNX cannot size: runs 'forever'."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+            helper.make_node("Identity", ["v_in"], ["scan"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("scan", TensorProto.FLOAT, [1]),
+        ],
+        [numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "cond", "x"], ["v", "s"], body=body)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 1]),
+        ],
+        [
+            numpy_helper.from_array(np.array(10**9, np.int64), "M"),
+            numpy_helper.from_array(np.array(True), "cond"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+_INSPECT_WITH_BUDGET = """
+import sys
+import onnxslim_edge.sandbox as sandbox
+sandbox.TIME_BUDGET_S = float(sys.argv[1])
+from onnxslim_edge.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_inspect_stops_running_an_endless_model_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "loop.onnx"
+    path.write_bytes(_endless_loop_model().SerializeToString())
+    proc = subprocess.run(
+        [sys.executable, "-c", _INSPECT_WITH_BUDGET, "1", "inspect", str(path), "--json", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "shapes of 2 tensors not computed" in proc.stderr
+    assert "time budget" in proc.stderr or "memory budget" in proc.stderr
+    assert '"nodes": 1' in proc.stdout
+
+
+def test_sandbox_reports_time_and_runtime_failures() -> None:
+    from onnxslim_edge.sandbox import BudgetExceeded, RunFailed, output_shapes
+
+    x = {"x": np.ones(1, np.float32)}
+    with pytest.raises(BudgetExceeded, match="time budget"):
+        output_shapes(_endless_loop_model(), ["v"], x, time_s=1)
+    with pytest.raises(RunFailed):
+        output_shapes(_constant_of_shape_model((2, 2)), ["y"], {"x": np.ones(3, np.int64)})
+    assert output_shapes(_constant_of_shape_model((2, 2)), ["y"], x) == {"y": ("float32", (1,))}
+
+
+def test_quiet_keeps_onnxruntime_warnings_off_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An unused initializer makes ONNX Runtime warn at session creation (after cleanup's
+    folding has silenced and restored its logger): -q must keep that off stderr."""
+    from onnxslim_edge.runtime import set_ort_log_severity
+
+    model = _conv_bn()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "unused"))
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    try:
+        rc = main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--pass", "cleanup", "-q"])
+    finally:
+        set_ort_log_severity(2)
+    err = capfd.readouterr().err
+    assert rc == 0
+    assert "onnxruntime" not in err and "Removing initializer" not in err, err

@@ -250,16 +250,21 @@ def _model_sparsity(weights: Mapping[str, tuple[Any, int, int]]) -> float:
 # --------------------------------------------------------------------------- size
 
 
+#: Below this many tensor bytes `size_bytes` is exact (ByteSize); above, tensor bytes plus
+#: the other messages' sizes (within bytes of it), without serializing the weights.
+_EXACT_SIZE_LIMIT = 16 * 2**20
+
+
 def _size_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size; for models over 2 GB (or with external data) tensor bytes plus
-    the graph's other messages."""
+    """Serialized size; for large models (or with external data) tensor bytes plus the
+    graph's other messages."""
     external = any(
         t.data_location == onnx.TensorProto.EXTERNAL
         for g in iter_graphs(model.graph)
         for t in g.initializer
     )
-    if not external and model_bytes(model) < PROTOBUF_LIMIT:
-        return model.ByteSize()
+    if not external and model_bytes(model) < _EXACT_SIZE_LIMIT:
+        return model.ByteSize()  # exact, but upb serializes to count: twice the model
     graph = model.graph
     size = sum(n.ByteSize() for n in graph.node)
     size += sum(v.ByteSize() for v in (*graph.input, *graph.output, *graph.value_info))

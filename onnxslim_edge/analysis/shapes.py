@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxslim_edge.errors import DataError, first_line
-from onnxslim_edge.graph import exposing_session, infer_shapes
-from onnxslim_edge.model import PROTOBUF_LIMIT, iter_graphs, model_bytes, model_on_disk
+from onnxslim_edge.graph import expose_outputs, infer_shapes
+from onnxslim_edge.model import iter_graphs, skeleton
 
 __all__ = ["Dim", "TensorInfo", "dtype_name", "infer_model_shapes", "infer_shapes", "io_info"]
 
@@ -174,12 +172,8 @@ def _onnx_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with ONNX-inferred value infos (a new proto; tensors may be left out)."""
     kwargs = {"check_type": False, "strict_mode": False, "data_prop": True}
     try:
-        if model_bytes(model) < PROTOBUF_LIMIT:
-            return onnx.shape_inference.infer_shapes(model, **kwargs)
-        with model_on_disk(model) as path, tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "inferred.onnx"
-            onnx.shape_inference.infer_shapes_path(str(path), str(out), **kwargs)
-            return onnx.load(str(out), load_external_data=False)
+        # On a skeleton (large tensors as data-less stand-ins): no copy of the weights.
+        return onnx.shape_inference.infer_shapes(skeleton(model), **kwargs)
     except Exception as exc:  # onnx raises bare RuntimeErrors for what it cannot parse
         first = first_line(exc)
         log.warning("ONNX shape inference failed (%s); using declared shapes only", first)
@@ -350,31 +344,28 @@ def _runtime_shapes(
             o.type.tensor_type.ClearField("shape")
     del graph.value_info[:]
     inputs = {i.name for i in graph.input} | _initializer_names(graph)
-    types = dict(exposed)
-    try:
-        import onnxruntime as ort
+    from onnxslim_edge.sandbox import BudgetExceeded, RunFailed, output_shapes
 
-        session = exposing_session(
-            model,
-            [name for name, _ in exposed if name not in inputs],
-            types=types,
-            threads=1,
-            optimization="disable",
+    # The model runs on this module's initiative: in a child, under a time/memory budget.
+    names = [name for name, _ in exposed if name not in inputs]
+    exposed_model = expose_outputs(model, names, dict(exposed))
+    outputs = [o.name for o in exposed_model.graph.output]
+    try:
+        found = output_shapes(exposed_model, outputs, feeds)
+    except BudgetExceeded as exc:  # the user must know what is missing: always a warning
+        log.warning(
+            "shapes of %d tensors not computed: running the model %s (their MACs are not counted)",
+            len(outputs),
+            exc,
         )
-        names = [o.name for o in session.get_outputs()]
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4  # a failure is reported below, once
-        values = session.run(names, feeds, quiet)
-    except Exception as exc:  # an unsupported op, a data-dependent failure ...
-        first = first_line(exc)
-        log.log(level, "ONNX Runtime could not compute concrete shapes (%s); keeping ONNX's", first)
         return {}
-    result = {}
-    for name, value in zip(names, values):
-        if isinstance(value, np.ndarray):
-            shape = tuple(int(d) for d in value.shape)
-            result[name] = TensorInfo(name, value.dtype.name, shape, measured=True)
-    return result
+    except RunFailed as exc:  # an unsupported op, a data-dependent failure ...
+        log.log(level, "ONNX Runtime could not compute concrete shapes (%s); keeping ONNX's", exc)
+        return {}
+    return {
+        name: TensorInfo(name, dtype, shape, measured=True)
+        for name, (dtype, shape) in found.items()
+    }
 
 
 def infer_model_shapes(
