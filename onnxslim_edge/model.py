@@ -21,7 +21,7 @@ import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -294,15 +294,22 @@ def _declared_bytes(tensor: onnx.TensorProto) -> int:
     return count * itemsize
 
 
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
+    """Copy every set field of message `src` but `skip` into `dst` (presence kept)."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
 def _skeleton_node(node: onnx.NodeProto, stub: _Stubs) -> onnx.NodeProto:
-    copy = onnx.NodeProto(
-        name=node.name, op_type=node.op_type, domain=node.domain, doc_string=node.doc_string
-    )
-    if node.HasField("overload"):
-        copy.overload = node.overload
-    copy.input.extend(node.input)
-    copy.output.extend(node.output)
-    copy.metadata_props.extend(node.metadata_props)
+    copy = onnx.NodeProto()
+    _copy_fields(node, copy, skip="attribute")
     for attr in node.attribute:
         kind = attr.type
         if kind not in (
@@ -313,9 +320,17 @@ def _skeleton_node(node: onnx.NodeProto, stub: _Stubs) -> onnx.NodeProto:
         ):
             copy.attribute.append(attr)
             continue
-        new = copy.attribute.add(name=attr.name, type=kind, doc_string=attr.doc_string)
-        if attr.ref_attr_name:
-            new.ref_attr_name = attr.ref_attr_name
+        new = copy.attribute.add()
+        _copy_fields(
+            attr,
+            new,
+            skip={
+                onnx.AttributeProto.TENSOR: "t",
+                onnx.AttributeProto.TENSORS: "tensors",
+                onnx.AttributeProto.GRAPH: "g",
+                onnx.AttributeProto.GRAPHS: "graphs",
+            }[kind],
+        )
         if kind == onnx.AttributeProto.TENSOR:
             new.t.CopyFrom(stub(attr.t))
         elif kind == onnx.AttributeProto.TENSORS:
@@ -328,12 +343,16 @@ def _skeleton_node(node: onnx.NodeProto, stub: _Stubs) -> onnx.NodeProto:
 
 
 def _skeleton_graph(graph: onnx.GraphProto, stub: _Stubs) -> onnx.GraphProto:
-    copy = onnx.GraphProto(name=graph.name, doc_string=graph.doc_string)
-    for key in ("input", "output", "value_info", "quantization_annotation", "metadata_props"):
-        getattr(copy, key).extend(getattr(graph, key))
-    copy.sparse_initializer.extend(graph.sparse_initializer)
-    copy.initializer.extend(stub(t) for t in graph.initializer)
-    copy.node.extend(_skeleton_node(n, stub) for n in graph.node)
+    copy = onnx.GraphProto()
+    for field, value in graph.ListFields():
+        if field.name == "initializer":
+            copy.initializer.extend(stub(t) for t in value)
+        elif field.name == "node":
+            copy.node.extend(_skeleton_node(n, stub) for n in value)
+        elif hasattr(value, "extend"):
+            getattr(copy, field.name).extend(value)
+        else:
+            setattr(copy, field.name, value)
     return copy
 
 
@@ -349,15 +368,7 @@ def skeleton(model: onnx.ModelProto, threshold: int | None = None) -> onnx.Model
     save a skeleton as a model.
     """
     copy = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if hasattr(value, "extend"):  # repeated: opset_import, metadata_props, functions ...
-            getattr(copy, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(copy, field.name).CopyFrom(value)
-        else:
-            setattr(copy, field.name, value)
+    _copy_fields(model, copy, skip="graph")
     stubs = _Stubs(SKELETON_THRESHOLD if threshold is None else threshold)
     copy.graph.CopyFrom(_skeleton_graph(model.graph, stubs))
     return copy

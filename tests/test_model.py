@@ -181,3 +181,30 @@ def test_external_save_leaves_the_callers_model_intact(
         save_model(model, tmp_path / "b.onnx", external_data=True)
     assert model.SerializeToString() == before, "tensors are restored after a failed save"
     assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "b.onnx.data").exists()
+
+
+def test_skeleton_keeps_structure_not_data() -> None:
+    from onnxslim_edge.model import skeleton
+
+    model = _gemm_model(64, 32)  # an 8 KB weight, a 128 B bias
+    skel = skeleton(model)
+    w, b = skel.graph.initializer
+    assert (w.name, list(w.dims), w.data_type) == ("w", [32, 64], TensorProto.FLOAT)
+    assert w.data_location == TensorProto.EXTERNAL and not w.HasField("raw_data")
+    assert {e.key: e.value for e in w.external_data}["length"] == str(32 * 64 * 4)
+    assert b == model.graph.initializer[1], "small tensors keep their data"
+    assert skel.ByteSize() < 1024 < model.ByteSize()
+    assert [n.SerializeToString() for n in skel.graph.node] == [
+        n.SerializeToString() for n in model.graph.node
+    ]
+
+
+def test_checker_on_a_skeleton_still_refuses_bad_models(tmp_path: Path) -> None:
+    model = _gemm_model(64, 32)
+    model.graph.initializer[0].data_type = TensorProto.UNDEFINED  # the large (stubbed) one
+    with pytest.raises(InvalidModelError, match="fails the ONNX checker"):
+        load_model(model)
+    model = _gemm_model(64, 32)
+    model.graph.node[0].input[1] = "nowhere"
+    with pytest.raises(InvalidModelError, match="nowhere"):
+        load_model(model)
