@@ -94,15 +94,23 @@ def _check_input_shapes(model: Any, shapes: dict[str, tuple[int, ...]] | None) -
                 )
 
 
-def _seed(text: str) -> int:
-    """argparse type: a seed for numpy's generators (an integer >= 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _int_in(low: int, high: int | None, expected: str) -> Any:
+    """An argparse type: an integer in [low, high] (argparse reports others as usage errors)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_in(1, None, "a positive integer")
+_seed = _int_in(0, None, "an integer >= 0")  # numpy's generators refuse negative seeds
 
 
 def _opset(text: str) -> int:
@@ -110,13 +118,7 @@ def _opset(text: str) -> int:
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 1 <= value <= newest:
-        raise argparse.ArgumentTypeError(f"expected an opset from 1 to {newest}, got {value}")
-    return value
+    return _int_in(1, newest, f"an opset from 1 to {newest}")(text)
 
 
 def _tolerance(text: str) -> float:
@@ -127,17 +129,6 @@ def _tolerance(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse reports anything else as a usage error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from fixtures.models import conv_bn_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_edge.cli import main
@@ -35,31 +36,7 @@ from onnxslim_edge.model import Outputs, check_paths, save_model
 
 
 def _conv_bn(opset: int = 13) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    c = 16  # the 16x3x3x3 weight (1.7 KB) goes to external data when saved that way
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w"),
-        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "gamma"),
-        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "beta"),
-        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "mean"),
-        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-        helper.make_node(
-            "BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"
-        ),
-        helper.make_node("Identity", ["b"], ["i"], name="id"),
-        helper.make_node("Relu", ["i"], ["y"], name="relu"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 8, 8])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return conv_bn_model(16, opset)  # the 1.7 KB weight goes to external data when asked
 
 
 def _unknown_domain() -> onnx.ModelProto:
