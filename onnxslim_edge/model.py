@@ -431,10 +431,56 @@ def _write(
         if external:
             data_path = data_path or path.with_name(path.name + ".data")
             _write_external(model, path, data_path, location or data_path.name)
+        elif model_bytes(model) >= STREAM_THRESHOLD:
+            _write_streamed(model, path)
         else:
             path.write_bytes(model.SerializeToString())
     finally:
         model.ir_version = ir_before
+
+
+#: Models with this many tensor bytes or more are written initializer by initializer.
+STREAM_THRESHOLD = 64 * 2**20
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
+    """`model` as one protobuf file, written without serializing it whole.
+
+    `SerializeToString` needs twice the model in memory (upb serializes, then copies
+    into bytes). Protobuf fields may come in any order and repeated ones concatenate, so
+    the file is: the model without its graph, then the graph field, made of the graph
+    without its initializers followed by each initializer field. Peak: one tensor, twice.
+    """
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    head = onnx.ModelProto()
+    _copy_fields(model, head, skip="graph")
+    rest = onnx.GraphProto()
+    _copy_fields(model.graph, rest, skip="initializer")
+    rest_bytes = rest.SerializeToString()
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    graph_len = len(rest_bytes) + sum(len(_field(init_field, n)) + n for n in sizes)
+    with open(path, "wb") as out:
+        out.write(head.SerializeToString())
+        out.write(_field(graph_field, graph_len))
+        out.write(rest_bytes)
+        for tensor, size in zip(model.graph.initializer, sizes):
+            out.write(_field(init_field, size))
+            out.write(tensor.SerializeToString())
 
 
 #: Tensors at least this large go to the external data file.

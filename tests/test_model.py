@@ -208,3 +208,23 @@ def test_checker_on_a_skeleton_still_refuses_bad_models(tmp_path: Path) -> None:
     model.graph.node[0].input[1] = "nowhere"
     with pytest.raises(InvalidModelError, match="nowhere"):
         load_model(model)
+
+
+def test_large_models_are_written_tensor_by_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streamed writer (no whole-model SerializeToString) writes the same model."""
+    import onnxslim_edge.model as model_mod
+
+    model = _gemm_model(64, 32)
+    model.graph.doc_string = "doc"
+    model.metadata_props.add(key="k", value="v")
+    monkeypatch.setattr(model_mod, "STREAM_THRESHOLD", 0)
+    path = save_model(model, tmp_path / "m.onnx")
+    loaded = onnx.load(str(path))
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    expected.ir_version = loaded.ir_version  # lowered on save
+    assert loaded.SerializeToString() == expected.SerializeToString()
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(_run(path, x), _run(model, x))
