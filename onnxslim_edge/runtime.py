@@ -3,7 +3,8 @@
 The `onnxruntime` module comes from one of several distributions (`onnxruntime`,
 `onnxruntime-training-cpu` 1.19.2, `onnxruntime-gpu`); code here runs on all of them.
 Models are handed over as bytes after lowering `ir_version` (ONNX Runtime 1.19 refuses
-IR > 10), or through a temporary file with external data when over 2 GB.
+IR > 10), or, from 64 MB (`model.STREAM_THRESHOLD`), through a temporary file written
+tensor by tensor (external data when over 2 GB): serializing would double the model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import onnx
 
 from onnxslim_edge.errors import ConfigError, InvalidModelError, UnsupportedError, first_line
-from onnxslim_edge.model import PROTOBUF_LIMIT, lower_ir_version, model_bytes, model_on_disk
+from onnxslim_edge.model import STREAM_THRESHOLD, lower_ir_version, model_bytes, model_on_disk
 
 __all__ = [
     "OPTIMIZATION_LEVELS",
@@ -106,7 +107,7 @@ def make_session(
     opts.graph_optimization_level = levels[optimization]
     try:
         if isinstance(model, onnx.ModelProto):
-            if model_bytes(model) >= PROTOBUF_LIMIT:
+            if model_bytes(model) >= STREAM_THRESHOLD:  # written without a serialized copy
                 with model_on_disk(model) as path:
                     return ort.InferenceSession(str(path), opts, providers=list(providers))
             return ort.InferenceSession(serialized(model), opts, providers=list(providers))

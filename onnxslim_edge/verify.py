@@ -52,7 +52,13 @@ import onnx
 
 from onnxslim_edge.data import _model_inputs, open_data
 from onnxslim_edge.errors import ConfigError, UnsupportedError, first_line
-from onnxslim_edge.model import PROTOBUF_LIMIT, ModelSource, load_model, model_bytes, model_on_disk
+from onnxslim_edge.model import (
+    STREAM_THRESHOLD,
+    ModelSource,
+    load_model,
+    model_bytes,
+    model_on_disk,
+)
 
 __all__ = [
     "FLOOR_KEYS",
@@ -515,13 +521,13 @@ def _runner_class() -> type:
 
 @contextlib.contextmanager
 def _runner(model: onnx.ModelProto, label: str) -> Iterator[Any]:
-    """An activated Polygraphy OnnxrtRunner for `model` (bytes, or a file when over 2 GB)."""
+    """An activated Polygraphy OnnxrtRunner for `model` (bytes, or a file from 64 MB)."""
     from polygraphy.backend.onnxrt import SessionFromOnnx
 
     from onnxslim_edge.runtime import serialized
 
     with contextlib.ExitStack() as stack:
-        if model_bytes(model) >= PROTOBUF_LIMIT:
+        if model_bytes(model) >= STREAM_THRESHOLD:  # a file written without a serialized copy
             source: Any = str(stack.enter_context(model_on_disk(model)))
         else:
             source = serialized(model)
