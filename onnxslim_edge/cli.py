@@ -290,7 +290,7 @@ def _input_cannot_be_checked(model: Any, src: Path, pipeline: Any, exc: BaseExce
     ONNX Runtime refuses models with unknown op domains or unreleased opsets; then no
     pass result can be validated or compared, whatever the pass did.
     """
-    if pipeline.validate != "session":
+    if pipeline.checks.validate_mode != "session":
         return
     from onnxslim_edge.errors import UnsupportedError
     from onnxslim_edge.runtime import make_session

@@ -470,6 +470,7 @@ def _terminate_inside_write(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=tmp_path,  # not the checkout: its source folder would shadow the install
     )
     try:
         deadline = time.monotonic() + 120
@@ -622,6 +623,7 @@ def test_inspect_stops_running_an_endless_model_and_says_so(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,  # not the checkout: its source folder would shadow the install
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr

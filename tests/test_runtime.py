@@ -62,7 +62,7 @@ def test_session_options_are_set_as_asked():
 def test_a_large_model_goes_through_a_temporary_file_that_is_removed(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 1)  # every model counts as "over 2 GB"
+    monkeypatch.setattr(runtime, "STREAM_THRESHOLD", 1)  # every model counts as large
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     x = np.ones((1, 3), np.float32)
     (y,) = make_session(_model()).run(None, {"x": x})
