@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError
+from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, UnsupportedError
 
 __all__ = ["main"]
 
@@ -292,7 +292,6 @@ def _input_cannot_be_checked(model: Any, src: Path, pipeline: Any, exc: BaseExce
     """
     if pipeline.checks.validate_mode != "session":
         return
-    from onnxslim_edge.errors import UnsupportedError
     from onnxslim_edge.runtime import make_session
 
     try:
