@@ -194,7 +194,8 @@ CASES = [
     Case(
         "opset99-fold-batchnorm",
         ("optimize", "opset99.onnx", "-o", "o.onnx", "--pass", "fold-batchnorm"),
-        "Opset 99 is under development",
+        # ORT 1.32 names the opset, 1.19 the IR version the opset needs: both refuse the input
+        "opset99.onnx: ONNX Runtime cannot load the model",
     ),
     Case(
         "fp16-opset1",
