@@ -1,0 +1,790 @@
+"""The `distill` pass: recover a compressed student's fidelity from its teacher.
+
+Teacher: the pipeline's input model (`Context.reference`) or `teacher=PATH`, run by an
+ONNX Runtime inference session on the training data (outputs cached in memory up to
+`teacher_cache_mb`). Student: the graph the pass is given, with BatchNormalization
+folded first (ORT training does not update running statistics), ops without gradients
+legalized (`legalize.py`), integer weights behind DequantizeLinear turned into float
+parameters trained through their fixed grids (`qat.py`). The loss (`losses.py`) is
+built as ONNX nodes on the student, a `GradientEngine` (ONNX Runtime training today)
+compiles it, `trainer.py` runs the loop, and the best parameters by held-out fidelity
+are written back into the graph — only if they beat the input; otherwise the input is
+kept and the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError, first_line
+from onnxslim_edge.passes.distill.engine import OptimizerSpec, engine_for, train_extra_missing
+from onnxslim_edge.passes.distill.legalize import blocked, legalize
+from onnxslim_edge.passes.distill.losses import (
+    LABELS_INPUT,
+    LOSS_KINDS,
+    FeaturePair,
+    LossSpec,
+    OutputLoss,
+    build_loss_model,
+    teacher_input,
+)
+from onnxslim_edge.passes.distill.qat import offset_input, prepare_qat
+from onnxslim_edge.passes.distill.trainer import Trainer, TrainResult, TrainSettings
+from onnxslim_edge.pipeline import Context, Pass, PassReport
+
+__all__ = ["Distill", "DistillConfig"]
+
+log = logging.getLogger(__name__)
+
+#: (op, input positions) through which a float initializer is a trainable weight.
+_WEIGHT_USES: Mapping[str, frozenset[int]] = {
+    "Conv": frozenset({1, 2}),
+    "ConvTranspose": frozenset({1, 2}),
+    "Gemm": frozenset({0, 1, 2}),
+    "MatMul": frozenset({0, 1}),
+    "Add": frozenset({0, 1}),
+    "Sub": frozenset({0, 1}),
+    "Mul": frozenset({0, 1}),
+    "Div": frozenset({0}),
+    "BatchNormalization": frozenset({1, 2}),
+    "LayerNormalization": frozenset({1, 2}),
+    "Reshape": frozenset({0}),
+    "QuantizeLinear": frozenset({0}),
+}
+#: Layers whose weight (input 1; MatMul also 0) keeps its exact zeros (pruning masks).
+_MASKED_LAYERS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (0, 1)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Options of the `distill` pass (docs/distillation.md documents each default)."""
+
+    teacher: str | None = None  # path; default: the pipeline's input model
+    data: str | None = None  # training data path; default: the Context's (--calib)
+    labels: str | None = None  # array of class labels in the `data` .npz (adds CE)
+    epochs: int = 10
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of the steps
+    schedule: Literal["cosine", "constant"] = "cosine"
+    temperature: float = 2.0
+    alpha: float = 0.9  # KD share when labels exist
+    losses: tuple[str, ...] = ()  # "output=kd|mse|cosine|none[:weight]"
+    features: tuple[str, ...] = ()  # "student_tensor=teacher_tensor[:weight]"
+    frozen: tuple[str, ...] = ()  # initializer or node names / regexes (full match)
+    no_gradient: Literal["error", "freeze"] = "error"
+    keep_zeros: bool = True
+    holdout: float = 0.1
+    patience: int = 3
+    max_samples: int = 10000
+    augment: Literal["auto", "on", "off"] = "auto"
+    teacher_cache_mb: int = 1024
+    checkpoint_dir: str | None = None
+    engine: str = "auto"
+    threads: int | None = None
+    seed: int | None = None  # default: the Context's seed
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, kind: type = int) -> None:
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                raise ConfigError(
+                    f"distill.{name} must be a positive {kind.__name__}, got {value!r}"
+                )
+
+        positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
+        positive("max_samples", self.max_samples)
+        positive("teacher_cache_mb", self.teacher_cache_mb)
+        if self.steps is not None:
+            positive("steps", self.steps)
+        if self.threads is not None:
+            positive("threads", self.threads)
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"distill.{name} must be a number > 0, got {value!r}")
+        for name, lo, hi in (("alpha", 0, 1), ("warmup", 0, 0.5), ("holdout", 0.0, 0.5)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ConfigError(f"distill.{name} must be in [{lo}, {hi}], got {value!r}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ConfigError(f"distill.patience must be an integer >= 0, got {self.patience!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"distill.weight_decay must be >= 0, got {self.weight_decay!r}")
+        OptimizerSpec(kind=self.optimizer, weight_decay=float(self.weight_decay))
+        for item in self.losses:
+            _parse_loss(item)
+        for item in self.features:
+            _parse_feature(item)
+        for pattern in self.frozen:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"distill.frozen: bad regex {pattern!r} ({exc})") from None
+
+
+def _weight(text: str, where: str) -> tuple[str, float]:
+    body, sep, w = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        value = float(w)
+    except ValueError:
+        raise ConfigError(f"{where}: weight {w!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{where}: weight must be >= 0, got {value}")
+    return body, value
+
+
+def _parse_loss(item: str) -> tuple[str, str, float]:
+    name, sep, rest = item.rpartition("=")
+    if not sep or not name:
+        raise ConfigError(f"distill.losses: expected OUTPUT=KIND[:WEIGHT], got {item!r}")
+    kind, weight = _weight(rest, f"distill.losses {item!r}")
+    if kind not in (*LOSS_KINDS, "none"):
+        raise ConfigError(
+            f"distill.losses {item!r}: kind must be one of {', '.join(LOSS_KINDS)}, none"
+        )
+    return name, kind, weight
+
+
+def _parse_feature(item: str) -> FeaturePair:
+    left, sep, right = item.partition("=")
+    if not sep or not left or not right:
+        raise ConfigError(f"distill.features: expected STUDENT=TEACHER[:WEIGHT], got {item!r}")
+    teacher, weight = _weight(right, f"distill.features {item!r}")
+    return FeaturePair(left, teacher, weight)
+
+
+class Distill(Pass):
+    """Fine-tune the student's float weights to match the teacher's outputs. Lossy (it
+    recovers what earlier passes lost): measured on a held-out split by output fidelity
+    (top-1 agreement for logits, cosine otherwise), and never returns a model that
+    scores below its input there.
+
+    Scope: every float weight of Conv/Gemm/MatMul/elementwise layers and the float
+    parameters of integer weights behind DequantizeLinear, minus `frozen`; exact zeros of
+    layer weights stay zero (`keep_zeros`). Needs the `train` extra.
+    """
+
+    name: ClassVar[str] = "distill"
+    Config: ClassVar[type] = DistillConfig
+
+    def run(self, graph: gs.Graph, ctx: Context) -> PassReport:
+        missing = train_extra_missing()
+        if missing is not None and self.config.engine in ("auto", "onnxruntime-training"):
+            raise UnsupportedError(missing)
+        report = self.new_report()
+        cfg = self.config
+        seed = ctx.seed if cfg.seed is None else cfg.seed
+        teacher = self._teacher(ctx)
+        _fold_batchnorm(graph, ctx, report)
+        student = _export(graph)
+        inputs, labels = _load_samples(cfg, ctx, student)
+        n = next(iter(inputs.values())).shape[0]
+        if n < 2:
+            raise DataError(f"distill needs at least 2 samples (1 to train, 1 held out); got {n}")
+        run = _Problem(cfg, teacher, student, inputs, labels, seed, report)
+        with tempfile.TemporaryDirectory(prefix="onnxslim-distill-") as tmp:
+            result = run.train(Path(tmp), progress=ctx.progress)
+        run.finish(graph, result)
+        return report
+
+    def _teacher(self, ctx: Context) -> onnx.ModelProto:
+        if self.config.teacher is not None:
+            from onnxslim_edge.model import load_model
+
+            return load_model(self.config.teacher)
+        if ctx.reference is None:
+            raise ConfigError(
+                "distill needs a teacher: run it in a Pipeline (the input model is the "
+                "teacher) or give distill:teacher=PATH"
+            )
+        return ctx.reference
+
+
+def _fold_batchnorm(graph: gs.Graph, ctx: Context, report: PassReport) -> None:
+    from onnxslim_edge.passes.batchnorm import FoldBatchNorm
+
+    if not any(n.op == "BatchNormalization" for n in graph.nodes):
+        return
+    folded = FoldBatchNorm(fold_mul_add=False).run(graph, ctx)
+    graph.cleanup().toposort()
+    report.count("folded_batchnorm", folded.counters.get("folded_batchnorm", 0))
+    left = [n.name for n in graph.nodes if n.op == "BatchNormalization"]
+    if left:
+        report.warn(
+            f"{len(left)} BatchNormalization node(s) could not be folded ({left[0]}, ...): "
+            "their running statistics stay as they are while the rest trains"
+        )
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    from onnxslim_edge.model import lower_ir_version, min_ir_version
+
+    model = gs.export_onnx(graph.copy(), do_type_check=False)
+    model.ir_version = min_ir_version(model)
+    return lower_ir_version(model)
+
+
+def _load_samples(
+    cfg: DistillConfig, ctx: Context, student: onnx.ModelProto
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Every training sample in memory: {input: (N, ...)}, and labels (N,) if asked."""
+    spec = cfg.data if cfg.data is not None else ctx.data
+    if spec is None:
+        raise DataError(
+            "distill needs training data: give --calib DATA (or distill:data=PATH); "
+            "unlabeled samples are enough"
+        )
+    names = [
+        i.name
+        for i in student.graph.input
+        if i.name not in {t.name for t in student.graph.initializer}
+    ]
+    if cfg.labels is not None:
+        return _load_labeled(spec, names, cfg)
+    from onnxslim_edge.data import open_data
+
+    source = open_data(
+        spec, student, batch_size=256, limit=cfg.max_samples, input_shapes=ctx.input_shapes
+    )
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for feed in source:
+        for k in names:
+            if k not in feed:
+                raise DataError(f"distill: the data gives no input '{k}'")
+            arr = np.asarray(feed[k])
+            if shapes.setdefault(k, arr.shape[1:]) != arr.shape[1:]:
+                raise DataError(
+                    f"distill: input '{k}' has samples of shapes {shapes[k]} and "
+                    f"{arr.shape[1:]}; distill needs one shape per input"
+                )
+            parts[k].append(arr)
+    if not parts[names[0]]:
+        raise DataError("distill: the training data is empty")
+    return {k: np.concatenate(v) for k, v in parts.items()}, None
+
+
+def _load_labeled(
+    spec: Any, names: Sequence[str], cfg: DistillConfig
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    if not isinstance(spec, (str, Path)) or not str(spec).endswith(".npz"):
+        raise ConfigError("distill.labels needs the data as an .npz holding the labels array")
+    try:
+        with np.load(spec, allow_pickle=False) as data:
+            missing = [k for k in (*names, cfg.labels) if k not in data.files]
+            if missing:
+                raise DataError(f"{spec}: has no array {missing[0]!r} (has {sorted(data.files)})")
+            inputs = {k: data[k][: cfg.max_samples] for k in names}
+            labels = data[cfg.labels][: cfg.max_samples]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{spec}: not a readable .npz ({first_line(exc)})") from exc
+    n = len(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{spec}: labels {cfg.labels!r} must be integers of shape (N,)")
+    if any(len(v) != n for v in inputs.values()):
+        raise DataError(f"{spec}: labels and inputs hold different sample counts")
+    return inputs, labels.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- the problem
+
+
+class _Teacher:
+    """The teacher's values (outputs and feature tensors) for samples, cached if they fit."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        names: Sequence[str],
+        inputs: Mapping[str, np.ndarray],
+        cache_mb: int,
+        threads: int | None,
+    ) -> None:
+        from onnxslim_edge.runtime import make_session
+
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        outputs = {o.name for o in m.graph.output}
+        for name in names:
+            if name not in outputs:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        self.session = make_session(m, threads=threads)
+        self.names = list(names)
+        feedable = {i.name for i in self.session.get_inputs()}
+        missing = [k for k in feedable if k not in inputs]
+        if missing:
+            raise UnsupportedError(
+                f"teacher/student input mismatch: the teacher needs input '{missing[0]}', "
+                "which the student does not take"
+            )
+        self.feed_names = sorted(feedable)
+        self.cache: dict[str, np.ndarray] | None = None
+        first = self.run({k: v[:1] for k, v in inputs.items()})
+        n = next(iter(inputs.values())).shape[0]
+        size = sum(v.nbytes for v in first.values()) * n
+        if size <= cache_mb * 2**20:
+            self.cache = self.run(inputs)
+
+    def run(self, inputs: Mapping[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
+        n = next(iter(inputs.values())).shape[0]
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.names}
+        for start in range(0, n, batch):
+            feed = {k: inputs[k][start : start + batch] for k in self.feed_names}
+            try:
+                values = self.session.run(self.names, feed)
+            except Exception as exc:  # ORT raises its own types on bad feeds
+                raise DataError(f"the teacher cannot run on the data: {first_line(exc)}") from exc
+            for k, v in zip(self.names, values):
+                parts[k].append(np.asarray(v, dtype=np.float32))
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def values(
+        self, idx: np.ndarray, batch_inputs: Mapping[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        if batch_inputs is None and self.cache is not None:
+            return {k: v[idx] for k, v in self.cache.items()}
+        assert batch_inputs is not None
+        return self.run(batch_inputs)
+
+
+class _Problem:
+    """Everything one distill run builds: terms, trainable set, masks, feeds, scoring."""
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher: onnx.ModelProto,
+        student: onnx.ModelProto,
+        inputs: dict[str, np.ndarray],
+        labels: np.ndarray | None,
+        seed: int,
+        report: PassReport,
+    ) -> None:
+        self.cfg, self.student, self.inputs, self.seed, self.report = (
+            cfg,
+            student,
+            inputs,
+            seed,
+            report,
+        )
+        self.n = next(iter(inputs.values())).shape[0]
+        self.terms = self._terms(teacher)
+        teacher_names = [t.output for t in self.terms] + [f.teacher for f in self._features()]
+        self.teacher = _Teacher(
+            teacher, list(dict.fromkeys(teacher_names)), inputs, cfg.teacher_cache_mb, cfg.threads
+        )
+        self._check_outputs()
+        self.labels = None
+        if labels is not None:
+            kd = [t for t in self.terms if t.kind == "kd"]
+            if not kd:
+                raise ConfigError("distill.labels needs an output with the kd loss (class logits)")
+            self.labels = labels
+        self.augment = self._augment()
+        self.train_student, self.fq = prepare_qat(student)
+        legal = legalize(self.train_student)
+        self.train_student = legal.model
+        for op, count in legal.rewrites.items():
+            report.count(f"legalized_{op}", count)
+        self.trainable = self._trainable()
+        self.masks = self._masks() if cfg.keep_zeros else {}
+        report.count("trainable_tensors", len(self.trainable))
+        report.count("masked_weights", int(sum(int(m.sum()) for m in self.masks.values())))
+        report.count("fake_quant_weights", len(self.fq))
+
+    # -- what to match
+
+    def _features(self) -> list[FeaturePair]:
+        return [_parse_feature(f) for f in self.cfg.features]
+
+    def _terms(self, teacher: onnx.ModelProto) -> list[OutputLoss]:
+        explicit = {}
+        for item in self.cfg.losses:
+            name, kind, weight = _parse_loss(item)
+            explicit[name] = (kind, weight)
+        student_outputs = [o for o in self.student.graph.output]
+        teacher_outputs = {o.name for o in teacher.graph.output}
+        unknown = sorted(set(explicit) - {o.name for o in student_outputs})
+        if unknown:
+            raise ConfigError(f"distill.losses: '{unknown[0]}' is not an output of the student")
+        terms = []
+        for out in student_outputs:
+            if out.name not in teacher_outputs:
+                raise UnsupportedError(
+                    f"teacher/student output mismatch: the student's output '{out.name}' is "
+                    f"not an output of the teacher ({', '.join(sorted(teacher_outputs))})"
+                )
+            elem = out.type.tensor_type.elem_type
+            if elem not in (onnx.TensorProto.FLOAT,):
+                continue
+            kind, weight = explicit.get(out.name, (_auto_kind(out), 1.0))
+            if kind != "none":
+                terms.append(OutputLoss(out.name, kind, weight))  # type: ignore[arg-type]
+        if not terms and not self.cfg.features:
+            raise UnsupportedError("distill: the student has no float output to match")
+        return terms
+
+    def _check_outputs(self) -> None:
+        from onnxslim_edge.runtime import make_session
+
+        session = make_session(self.student, threads=self.cfg.threads)
+        names = [t.output for t in self.terms]
+        feed = {i.name: self.inputs[i.name][:2] for i in session.get_inputs()}
+        got = dict(zip(names, session.run(names, feed)))
+        want = self.teacher.run({k: v[:2] for k, v in self.inputs.items()})
+        for name in names:
+            if got[name].shape != want[name].shape:
+                raise UnsupportedError(
+                    f"teacher/student output mismatch: '{name}' is {want[name].shape[1:]} per "
+                    f"sample in the teacher but {got[name].shape[1:]} in the student"
+                )
+
+    def _augment(self) -> bool:
+        mode = self.cfg.augment
+        images = [
+            k
+            for k, v in self.inputs.items()
+            if v.ndim == 4 and v.dtype.kind == "f" and min(v.shape[2:]) >= 2
+        ]
+        if mode == "on":
+            if len(images) != 1 or len(self.inputs) != 1:
+                raise ConfigError("distill.augment=on needs one NCHW float image input")
+            return True
+        if mode == "off":
+            return False
+        only = len(self.inputs) == 1 and len(images) == 1
+        return only and min(self.inputs[images[0]].shape[2:]) >= 32
+
+    # -- what trains
+
+    def _trainable(self) -> list[str]:
+        graph = self.train_student.graph
+        uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for pos, name in enumerate(node.input):
+                uses.setdefault(name, []).append((node, pos))
+        frozen = [re.compile(p) for p in self.cfg.frozen]
+        qat_params = {f.param for f in self.fq}
+        out = []
+        for init in graph.initializer:
+            if init.data_type != onnx.TensorProto.FLOAT or "/legal_c" in init.name:
+                continue
+            readers = uses.get(init.name, [])
+            if not readers:
+                continue
+            if init.name not in qat_params and not all(
+                pos in _WEIGHT_USES.get(node.op_type, ()) for node, pos in readers
+            ):
+                continue
+            size = int(np.prod(init.dims)) if init.dims else 1
+            if size == 1 and not any(node.op_type in _MASKED_LAYERS for node, _ in readers):
+                continue
+            names = {init.name} | {node.name for node, _ in readers}
+            if init.name.endswith(".distill_float"):
+                names.add(init.name[: -len(".distill_float")])
+            if any(p.fullmatch(n) for p in frozen for n in names):
+                self.report.count("frozen_tensors")
+                continue
+            out.append(init.name)
+        stuck = blocked(self.train_student, out)
+        if stuck:
+            where = sorted(stuck)
+            if self.cfg.no_gradient == "error":
+                raise UnsupportedError(
+                    f"distill: no gradient through {where[0]}"
+                    + (f" (and {len(where) - 1} more)" if len(where) > 1 else "")
+                    + "; freeze the weights before it (distill:no_gradient=freeze, or "
+                    "distill:frozen=NAMES)"
+                )
+            drop = set().union(*stuck.values())
+            for w in where:
+                self.report.warn(
+                    f"no gradient through {w}: froze {len(stuck[w])} weight(s) before it"
+                )
+            out = [n for n in out if n not in drop]
+        if not out:
+            raise UnsupportedError("distill: nothing to train (every weight is frozen or constant)")
+        return out
+
+    def _masks(self) -> dict[str, np.ndarray]:
+        graph = self.train_student.graph
+        inits = {t.name: t for t in graph.initializer}
+        layer_weights = set()
+        for node in graph.node:
+            for pos in _MASKED_LAYERS.get(node.op_type, ()):
+                if pos < len(node.input):
+                    layer_weights.add(node.input[pos])
+        fq_out = {}
+        for node in graph.node:  # QAT weights reach the layer through their fake-quant Add
+            if node.name.endswith("/fake_quant"):
+                fq_out[node.output[0]] = node.input[0]
+        for name in list(layer_weights):
+            layer_weights.add(fq_out.get(name, name))
+        masks = {}
+        for name in self.trainable:
+            if name in layer_weights:
+                values = numpy_helper.to_array(inits[name])
+                zeros = values == 0
+                if zeros.any():
+                    masks[name] = zeros
+        return masks
+
+    # -- feeds and scoring
+
+    def make_feeds(
+        self, idx: np.ndarray, rng: np.random.Generator | None, params: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        batch = {k: v[idx] for k, v in self.inputs.items()}
+        augmented = None
+        if rng is not None and self.augment:
+            key = next(iter(batch))
+            batch[key] = _augment_images(batch[key], rng)
+            augmented = batch
+        teacher = self.teacher.values(idx, augmented)
+        feeds = dict(batch)
+        for name, value in teacher.items():
+            feeds[teacher_input(name)] = value
+        if self.labels is not None:
+            classes = teacher[next(t.output for t in self.terms if t.kind == "kd")].shape[-1]
+            feeds[LABELS_INPUT] = np.eye(classes, dtype=np.float32)[self.labels[idx]]
+        for fq in self.fq:
+            feeds[offset_input(fq.param)] = fq.offset(params[fq.param])
+        return feeds
+
+    def apply(self, model: onnx.ModelProto, params: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+        """A copy of the student with `params` written in (QAT weights re-quantized)."""
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        values = self.export_values(params)
+        for i, init in enumerate(out.graph.initializer):
+            if init.name in values:
+                out.graph.initializer[i].CopyFrom(
+                    numpy_helper.from_array(values[init.name], init.name)
+                )
+        return out
+
+    def export_values(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = {k: v for k, v in params.items() if not k.endswith(".distill_float")}
+        for fq in self.fq:
+            if fq.param in params:
+                values[fq.initializer] = fq.quantize(params[fq.param])
+        return values
+
+    def score(self, params: Mapping[str, np.ndarray], held: np.ndarray) -> float:
+        from onnxslim_edge.runtime import make_session
+
+        session = make_session(self.apply(self.student, params), threads=self.cfg.threads)
+        names = [t.output for t in self.terms] or [self.student.graph.output[0].name]
+        feed_names = [i.name for i in session.get_inputs()]
+        outs: dict[str, list[np.ndarray]] = {k: [] for k in names}
+        for start in range(0, len(held), 256):
+            idx = held[start : start + 256]
+            got = session.run(names, {k: self.inputs[k][idx] for k in feed_names})
+            for k, v in zip(names, got):
+                outs[k].append(v)
+        want = (
+            self.teacher.values(held, None)
+            if self.teacher.cache is not None
+            else self.teacher.run({k: v[held] for k, v in self.inputs.items()})
+        )
+        scores = [_fidelity(want[k], np.concatenate(outs[k])) for k in names]
+        return float(np.mean(scores))
+
+    # -- the run
+
+    def norms(self, train_idx: np.ndarray) -> dict[str, float]:
+        idx = train_idx[:512]
+        values = self.teacher.values(
+            idx,
+            None if self.teacher.cache is not None else {k: v[idx] for k, v in self.inputs.items()},
+        )
+        return {k: float(np.mean(np.square(v, dtype=np.float64))) for k, v in values.items()}
+
+    def train(self, workdir: Path, *, progress: bool) -> TrainResult:
+        cfg = self.cfg
+        rng = np.random.default_rng(self.seed)
+        order = rng.permutation(self.n)
+        n_held = max(1, round(cfg.holdout * self.n)) if cfg.holdout > 0 else 0
+        if n_held >= self.n:
+            raise DataError(f"distill: {self.n} samples leave none to train on")
+        held, train_idx = (order[:n_held], order[n_held:]) if n_held else (order, order)
+        if not n_held:
+            self.report.warn("holdout=0: fidelity is scored on the training samples")
+        spec = LossSpec(
+            outputs=tuple(self.terms),
+            features=tuple(self._features()),
+            temperature=float(cfg.temperature),
+            alpha=float(cfg.alpha),
+            labels=self.labels is not None,
+            norms=self.norms(train_idx),
+        )
+        shapes = {}
+        sample = self.teacher.values(
+            held[:1],
+            None
+            if self.teacher.cache is not None
+            else {k: v[held[:1]] for k, v in self.inputs.items()},
+        )
+        for name, value in sample.items():
+            shapes[name] = ["N", *value.shape[1:]]
+        loss_model = build_loss_model(self.train_student, spec, shapes)
+        engine = engine_for(cfg.engine)
+        t0 = time.perf_counter()
+        program = engine.compile(
+            loss_model,
+            trainable=self.trainable,
+            optimizer=OptimizerSpec(kind=cfg.optimizer, weight_decay=float(cfg.weight_decay)),
+            workdir=workdir,
+            threads=cfg.threads,
+        )
+        self.report.detail(kind="engine", engine=engine.name, compile_s=time.perf_counter() - t0)
+        settings = TrainSettings(
+            epochs=cfg.epochs,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=float(cfg.lr),
+            warmup=float(cfg.warmup),
+            schedule=cfg.schedule,
+            patience=cfg.patience,
+            seed=self.seed,
+            checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
+            progress=progress,
+        )
+        trainer = Trainer(
+            program,
+            settings,
+            train_idx=train_idx,
+            held_idx=held,
+            make_feeds=self.make_feeds,
+            score=lambda p: self.score(p, held),
+            masks=self.masks,
+            feed_params=[f.param for f in self.fq],
+            fingerprint=self.fingerprint(),
+        )
+        try:
+            return trainer.run()
+        finally:
+            program.close()
+
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.student.SerializeToString(deterministic=True))
+        h.update(
+            json.dumps(
+                dataclasses.asdict(self.cfg)
+                | {"checkpoint_dir": None, "epochs": None, "steps": None},
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
+        for k in sorted(self.inputs):
+            h.update(k.encode() + np.ascontiguousarray(self.inputs[k][:64]).tobytes())
+        return h.hexdigest()
+
+    def finish(self, graph: gs.Graph, result: TrainResult) -> None:
+        report = self.report
+        for record in result.history:
+            report.detail(kind="epoch", **dataclasses.asdict(record))
+        improved = result.best_epoch > 0 and result.best_metric + 1e-12 >= result.before_metric
+        report.detail(
+            kind="summary",
+            fidelity_before=result.before_metric,
+            fidelity_after=result.best_metric if improved else result.before_metric,
+            heldout_loss_before=result.before_loss,
+            heldout_loss_after=result.best_loss if improved else result.before_loss,
+            best_epoch=result.best_epoch,
+            epochs=len(result.history),
+            steps=result.steps,
+            loss_curve=result.loss_curve,
+            interrupted=result.interrupted,
+            diverged=result.diverged,
+            stopped_early=result.stopped_early,
+            resumed_from_step=result.resumed_from,
+            wall_s_per_epoch=[r.wall_s for r in result.history],
+            samples_per_s=[r.samples_per_s for r in result.history],
+        )
+        report.count("epochs", len(result.history))
+        report.count("steps", result.steps)
+        if result.diverged:
+            report.warn(f"the loss diverged at step {result.steps} (lower distill:lr)")
+        if result.interrupted:
+            report.warn(f"interrupted after {result.steps} steps; kept the best model so far")
+        if not improved:
+            report.warn(
+                f"training did not improve held-out fidelity ({result.before_metric:.4f}); "
+                "kept the input model"
+            )
+            return
+        values = self.export_values(result.best_params)
+        tensors = graph.tensors()
+        for name, value in values.items():
+            tensor = tensors.get(name)
+            if isinstance(tensor, gs.Constant):
+                tensor.values = np.asarray(value, dtype=tensor.values.dtype)
+            else:  # pragma: no cover - every trained name comes from the student's constants
+                raise RuntimeError(
+                    f"distill: trained weight '{name}' is not a constant of the graph"
+                )
+
+
+def _auto_kind(out: onnx.ValueInfoProto) -> str:
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 1:
+        return "kd"
+    return "mse"
+
+
+def _fidelity(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Top-1 agreement for (N, classes) logits, cosine over all elements otherwise."""
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        return float(np.mean(np.argmax(ref, 1) == np.argmax(cand, 1)))
+    r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+    denom = np.sqrt((r @ r) * (c @ c))
+    return float(r @ c / denom) if denom > 0 else float(np.array_equal(r, c))
+
+
+def _augment_images(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random resized crop (scale 0.5-1, aspect 3/4-4/3, bilinear) and horizontal flip."""
+    n, _, h, w = batch.shape
+    out = np.empty_like(batch)
+    for i in range(n):
+        area = rng.uniform(0.5, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch = int(min(h, max(1, round(np.sqrt(area / aspect)))))
+        cw = int(min(w, max(1, round(np.sqrt(area * aspect)))))
+        y0 = int(rng.integers(0, h - ch + 1))
+        x0 = int(rng.integers(0, w - cw + 1))
+        ys = y0 + (np.arange(h) + 0.5) * ch / h - 0.5
+        xs = x0 + (np.arange(w) + 0.5) * cw / w - 0.5
+        ys = np.clip(ys, y0, y0 + ch - 1)
+        xs = np.clip(xs, x0, x0 + cw - 1)
+        yi, xi = np.floor(ys).astype(int), np.floor(xs).astype(int)
+        yj, xj = np.minimum(yi + 1, h - 1), np.minimum(xi + 1, w - 1)
+        fy, fx = (ys - yi)[:, None], (xs - xi)[None, :]
+        img = batch[i]
+        top = img[:, yi][:, :, xi] * (1 - fx) + img[:, yi][:, :, xj] * fx
+        bottom = img[:, yj][:, :, xi] * (1 - fx) + img[:, yj][:, :, xj] * fx
+        crop = top * (1 - fy) + bottom * fy
+        out[i] = crop[:, :, ::-1] if rng.random() < 0.5 else crop
+    return out
