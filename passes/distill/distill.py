@@ -44,7 +44,12 @@ from onnxslim_edge.passes.distill.losses import (
     teacher_input,
 )
 from onnxslim_edge.passes.distill.qat import offset_input, prepare_qat
-from onnxslim_edge.passes.distill.trainer import Trainer, TrainResult, TrainSettings
+from onnxslim_edge.passes.distill.trainer import (
+    Trainer,
+    TrainResult,
+    TrainSettings,
+    check_checkpoint,
+)
 from onnxslim_edge.pipeline import Context, Pass, PassReport
 
 __all__ = ["Distill", "DistillConfig"]
@@ -649,6 +654,8 @@ class _Problem:
         for name, value in sample.items():
             shapes[name] = ["N", *value.shape[1:]]
         loss_model = build_loss_model(self.train_student, spec, shapes)
+        checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        check_checkpoint(checkpoint, self.fingerprint())  # before minutes of compiling
         engine = engine_for(cfg.engine)
         t0 = time.perf_counter()
         program = engine.compile(
@@ -668,7 +675,7 @@ class _Problem:
             schedule=cfg.schedule,
             patience=cfg.patience,
             seed=self.seed,
-            checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
+            checkpoint_dir=checkpoint,
             progress=progress,
         )
         trainer = Trainer(

@@ -249,11 +249,26 @@ def blocked(model: onnx.ModelProto, trainable: Iterable[str]) -> dict[str, set[s
     out: dict[str, set[str]] = {}
     for node in model.graph.node:
         foreign = node.domain not in ("", "ai.onnx")
+        inputs = [i for i in (*node.input, *_outer_names(node)) if i]
         if node.op_type in NO_GRADIENT or foreign:
-            params = set().union(*(upstream(i) for i in node.input if i))
+            params = set().union(*(upstream(i) for i in inputs))
             if params:
                 out[f"{node.op_type} '{node.name}'"] = params
-        deps = frozenset().union(*(upstream(i) for i in node.input if i))
+        deps = frozenset().union(*(upstream(i) for i in inputs))
         for o in node.output:
             reach[o] = deps
     return out
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            local |= {o for n in g.node for o in n.output}
+            for n in g.node:
+                names |= {i for i in n.input if i and i not in local}
+                names |= _outer_names(n) - local
+    return names

@@ -13,7 +13,8 @@ cannot go through it). Activation Quantize->Dequantize pairs stay; ORT training 
 each into FakeQuant (straight-through inside the range), and each gets its own copy of
 its scale and zero point (a shared initializer makes ORT 1.19.2's fusion fail). Scales
 never train. `FakeQuantWeight.quantize` turns a trained `W` back into the integer
-initializer, so the exported model keeps every Q/DQ node as it was.
+initializer (symmetric int8 weights clipped to [-127, 127], as TensorRT requires), so
+the exported model keeps every Q/DQ node as it was.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FakeQuantWeight:
 
     def quantize(self, weight: np.ndarray) -> np.ndarray:
         lo, hi = _INT_RANGES[self.dtype]
+        if self.dtype == np.int8 and not np.any(self.zero_point):
+            lo = -127  # symmetric int8 weights stay in [-127, 127] (TensorRT's rule)
         s = self._shaped(self.scale.astype(np.float32), weight.ndim)
         z = self._shaped(self.zero_point.astype(np.int64), weight.ndim)
         q = np.clip(np.round(weight / s) + z, lo, hi)

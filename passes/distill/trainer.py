@@ -31,7 +31,14 @@ import numpy as np
 from onnxslim_edge.errors import ConfigError
 from onnxslim_edge.passes.distill.engine import TrainingProgram
 
-__all__ = ["EpochRecord", "TrainResult", "TrainSettings", "Trainer", "learning_rate"]
+__all__ = [
+    "EpochRecord",
+    "TrainResult",
+    "TrainSettings",
+    "Trainer",
+    "check_checkpoint",
+    "learning_rate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +206,8 @@ class Trainer:
         if paths is None or not paths[1].is_file():
             return 1, 0, 0
         state, progress, best = paths
-        doc = json.loads(progress.read_text(encoding="utf-8"))
-        if doc.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                f"{progress.parent}: holds a distill run of another model, data or config; "
-                "remove it or choose another checkpoint_dir"
-            )
+        doc = check_checkpoint(progress.parent, self.fingerprint)
+        assert doc is not None
         self.program.load_state(state)
         with np.load(best, allow_pickle=False) as saved:
             result.best_params = {n: saved[_key(n)] for n in doc["names"]}
@@ -325,6 +328,23 @@ class Trainer:
         if window:
             result.loss_curve.append(float(np.mean(window)))
         return result
+
+
+def check_checkpoint(folder: Path | None, fingerprint: str) -> dict[str, Any] | None:
+    """The saved progress in `folder` (None if none); ConfigError if another run's."""
+    if folder is None or not (Path(folder) / "progress.json").is_file():
+        return None
+    progress = Path(folder) / "progress.json"
+    try:
+        doc = json.loads(progress.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{progress}: unreadable distill checkpoint ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{folder}: holds a distill run of another model, data or config; "
+            "remove it or choose another checkpoint_dir"
+        )
+    return doc
 
 
 def _key(name: str) -> str:
