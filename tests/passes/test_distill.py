@@ -580,3 +580,15 @@ def test_the_artifact_child_imports_no_torch() -> None:
         "assert callable(artifacts.generate_artifacts) and 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@needs_train
+def test_distillation_docs_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "distillation.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "distillation.md", "exec"), {"__name__": "docs_example"})
