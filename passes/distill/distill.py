@@ -103,7 +103,7 @@ class DistillConfig:
     augment: Literal["auto", "on", "off"] = "auto"
     teacher_cache_mb: int = 1024
     checkpoint_dir: str | None = None
-    engine: str = "auto"
+    engine: Literal["auto", "onnxruntime-training", "onnx-ad"] = "auto"
     threads: int | None = None
     seed: int | None = None  # default: the Context's seed
 
@@ -194,8 +194,8 @@ class Distill(Pass):
     Config: ClassVar[type] = DistillConfig
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassReport:
-        missing = train_extra_missing()
-        if missing is not None and self.config.engine in ("auto", "onnxruntime-training"):
+        missing = train_extra_missing(self.config.engine)
+        if missing is not None:
             raise UnsupportedError(missing)
         report = self.new_report()
         cfg = self.config
@@ -407,6 +407,7 @@ class _Problem:
                 raise ConfigError("distill.labels needs an output with the kd loss (class logits)")
             self.labels = labels
         self.augment = self._augment()
+        self.engine = engine_for(cfg.engine)
         self.train_student, self.fq = prepare_qat(student)
         legal = legalize(self.train_student)
         self.train_student = legal.model
@@ -512,7 +513,7 @@ class _Problem:
                 self.report.count("frozen_tensors")
                 continue
             out.append(init.name)
-        stuck = blocked(self.train_student, out)
+        stuck = blocked(self.train_student, out, self.engine.no_gradient)
         if stuck:
             where = sorted(stuck)
             if self.cfg.no_gradient == "error":
@@ -656,7 +657,7 @@ class _Problem:
         loss_model = build_loss_model(self.train_student, spec, shapes)
         checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         check_checkpoint(checkpoint, self.fingerprint())  # before minutes of compiling
-        engine = engine_for(cfg.engine)
+        engine = self.engine
         t0 = time.perf_counter()
         program = engine.compile(
             loss_model,

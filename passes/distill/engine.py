@@ -4,9 +4,9 @@ A `GradientEngine` compiles an ONNX *training problem* — a model whose one sca
 is the loss (built by `losses.py`), a list of trainable initializers, an optimizer — into a
 `TrainingProgram` that steps, evaluates the loss, reads and writes parameters and saves or
 restores its whole state (parameters and optimizer moments) for resuming. Nothing here
-knows ONNX Runtime training: `ort_engine.py` is the first implementation; an engine that
-builds gradient graphs from standard ONNX ops could replace it without touching the
-trainer. `engine_for(name)` picks one and says which extra to install when none is.
+knows ONNX Runtime training: `ort_engine.py` is one implementation, `ad_engine.py`
+(gradient graphs of standard ONNX ops by `onnx-ad`, on plain onnxruntime) another.
+`engine_for(name)` picks one and says which extra to install when none is.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "GradientEngine",
     "OptimizerSpec",
     "TrainingProgram",
+    "available_engines",
     "engine_for",
     "train_extra_missing",
 ]
@@ -97,6 +98,8 @@ class GradientEngine(abc.ABC):
     """Turns a loss model into a `TrainingProgram`."""
 
     name: ClassVar[str]
+    #: Ops this engine cannot differentiate (the pass freezes weights before them or stops).
+    no_gradient: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
     def compile(
@@ -118,18 +121,35 @@ class GradientEngine(abc.ABC):
 #: Engines by name: module:class, imported on use.
 ENGINES: Mapping[str, str] = {
     "onnxruntime-training": "onnxslim_edge.passes.distill.ort_engine:OrtTrainingEngine",
+    "onnx-ad": "onnxslim_edge.passes.distill.ad_engine:OnnxAdEngine",
 }
 
 
-def train_extra_missing() -> str | None:
-    """Why no engine can run here (the message naming the `train` extra), or None."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return TRAIN_EXTRA_MESSAGE
+def _found(module: str) -> bool:
     try:
-        found = importlib.util.find_spec("onnxruntime.training") is not None
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # pragma: no cover - a broken install
-        found = False
-    return None if found else TRAIN_EXTRA_MESSAGE
+        return False
+
+
+def available_engines() -> list[str]:
+    """Engines that can run here, in the order "auto" tries them."""
+    out = []
+    if _found("onnxruntime") and _found("onnxruntime.training"):
+        out.append("onnxruntime-training")
+    if _found("onnxruntime") and _found("onnx_ad"):
+        out.append("onnx-ad")
+    return out
+
+
+def train_extra_missing(name: str = "auto") -> str | None:
+    """Why engine `name` cannot run here (the message naming the `train` extra), or None."""
+    available = available_engines()
+    if (name == "auto" and available) or name in available:
+        return None
+    if name == "onnx-ad":
+        return "the onnx-ad gradient engine needs the onnx-ad package (pip install onnx-ad)"
+    return TRAIN_EXTRA_MESSAGE
 
 
 def engine_for(name: str = "auto") -> GradientEngine:
@@ -138,9 +158,9 @@ def engine_for(name: str = "auto") -> GradientEngine:
 
     if name != "auto" and name not in ENGINES:
         raise ConfigError(f"unknown gradient engine '{name}'; valid: auto, {', '.join(ENGINES)}")
-    missing = train_extra_missing()
+    missing = train_extra_missing(name)
     if missing is not None:
         raise UnsupportedError(missing)
-    chosen = "onnxruntime-training" if name == "auto" else name
+    chosen = available_engines()[0] if name == "auto" else name
     module, _, attr = ENGINES[chosen].partition(":")
     return getattr(importlib.import_module(module), attr)()

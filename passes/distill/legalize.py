@@ -232,14 +232,16 @@ def legalize(model: onnx.ModelProto) -> Legalized:
     return Legalized(out, counts)
 
 
-def blocked(model: onnx.ModelProto, trainable: Iterable[str]) -> dict[str, set[str]]:
+def blocked(
+    model: onnx.ModelProto, trainable: Iterable[str], ops: Iterable[str] = NO_GRADIENT
+) -> dict[str, set[str]]:
     """`"op 'node'"` -> trainable initializers whose gradient would cross that node.
 
-    A node blocks a parameter when the node has no gradient (`NO_GRADIENT`, or an op of
-    another domain) and the parameter feeds it, directly or through other nodes. Nodes
+    A node blocks a parameter when the node has no gradient (`ops`: the engine's list,
+    by default ONNX Runtime training's; or an op of another domain) and the parameter feeds it, directly or through other nodes. Nodes
     are visited in graph order, which ONNX requires to be topological.
     """
-    wanted = set(trainable)
+    wanted, ops = set(trainable), frozenset(ops)
     reach: dict[str, frozenset[str]] = {}  # tensor -> trainable params it depends on
     empty: frozenset[str] = frozenset()
 
@@ -250,7 +252,7 @@ def blocked(model: onnx.ModelProto, trainable: Iterable[str]) -> dict[str, set[s
     for node in model.graph.node:
         foreign = node.domain not in ("", "ai.onnx")
         inputs = [i for i in (*node.input, *_outer_names(node)) if i]
-        if node.op_type in NO_GRADIENT or foreign:
+        if node.op_type in ops or foreign:
             params = set().union(*(upstream(i) for i in inputs))
             if params:
                 out[f"{node.op_type} '{node.name}'"] = params

@@ -36,6 +36,7 @@ import onnx
 
 from onnxslim_edge.errors import UnsupportedError, first_line
 from onnxslim_edge.passes.distill.engine import GradientEngine, OptimizerSpec, TrainingProgram
+from onnxslim_edge.passes.distill.legalize import NO_GRADIENT
 
 __all__ = ["OrtTrainingEngine", "OrtTrainingProgram"]
 
@@ -48,6 +49,7 @@ class OrtTrainingEngine(GradientEngine):
     """Gradient graphs by ONNX Runtime training's builder; AdamW/SGD as ORT optimizer models."""
 
     name = "onnxruntime-training"
+    no_gradient = NO_GRADIENT
 
     def compile(
         self,

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim_edge import cli
 from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError
 from onnxslim_edge.passes.distill.distill import Distill
-from onnxslim_edge.passes.distill.engine import TRAIN_EXTRA_MESSAGE, train_extra_missing
+from onnxslim_edge.passes.distill.engine import TRAIN_EXTRA_MESSAGE, available_engines
 from onnxslim_edge.passes.distill.legalize import REWRITES, blocked, legalize
 from onnxslim_edge.passes.distill.losses import (
     LABELS_INPUT,
@@ -39,8 +39,19 @@ from onnxslim_edge.passes.distill.losses import (
 from onnxslim_edge.pipeline import Context, Pipeline
 from onnxslim_edge.runtime import make_session
 
-HAS_TRAIN = train_extra_missing() is None
-needs_train = pytest.mark.skipif(not HAS_TRAIN, reason=TRAIN_EXTRA_MESSAGE)
+ENGINES = available_engines()
+HAS_ORT = "onnxruntime-training" in ENGINES
+needs_engine = pytest.mark.skipif(not ENGINES, reason=TRAIN_EXTRA_MESSAGE)
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason=TRAIN_EXTRA_MESSAGE)
+
+
+@pytest.fixture(params=ENGINES or [None])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every gradient engine installed here (ORT training in the train flavor, onnx-ad)."""
+    if request.param is None:
+        pytest.skip(TRAIN_EXTRA_MESSAGE)
+    return request.param
+
 
 # --------------------------------------------------------------------------- models
 
@@ -255,25 +266,20 @@ def test_blocked_names_the_node_and_the_weights_before_it() -> None:
 # --------------------------------------------------------------------------- cpu flavor
 
 
-@pytest.mark.skipif(HAS_TRAIN, reason="the train flavor has ONNX Runtime training")
-def test_cpu_flavor_names_the_train_extra(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_without_an_engine_the_error_names_the_train_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxslim_edge.passes.distill import engine as engines
+
+    monkeypatch.setattr(engines, "available_engines", lambda: [])
     with pytest.raises(UnsupportedError, match=r"install the 'train' extra"):
         Pipeline([Distill()]).run(_mlp(), Context(data=[{"x": _inputs(8)}]))
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(_mlp(), src)
     np.savez(tmp_path / "d.npz", x=_inputs(8))
+    calib = str(tmp_path / "d.npz")
     rc = cli.main(
-        [
-            "optimize",
-            str(src),
-            "-o",
-            str(out),
-            "--pass",
-            "distill",
-            "--calib",
-            str(tmp_path / "d.npz"),
-            "-q",
-        ]
+        ["optimize", str(src), "-o", str(out), "--pass", "distill", "--calib", calib, "-q"]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "'train' extra" in err[0]
@@ -289,13 +295,19 @@ def _distill(student: Any, teacher: Any, x: np.ndarray, name: str = "x", **optio
     return Pipeline([Distill(**options)]).run(student, ctx)
 
 
-@needs_train
-def test_a_tiny_student_learns_its_teacher() -> None:
+def test_a_tiny_student_learns_its_teacher(engine: str) -> None:
     """The student is the teacher with its first layer perturbed; it can match exactly, so
     the relative MSE on the logits goes to ~0 (1.9e-1 -> 1.7e-3 measured)."""
     teacher, student = _mlp(), _mlp(seed=3, noise=0.5)
     result = _distill(
-        student, teacher, _inputs(), epochs=30, lr=0.05, patience=0, losses=("logits=mse",)
+        student,
+        teacher,
+        _inputs(),
+        epochs=30,
+        lr=0.05,
+        patience=0,
+        losses=("logits=mse",),
+        engine=engine,
     )
     report = result.report.passes[0]
     summary = _summary(report)
@@ -305,6 +317,7 @@ def test_a_tiny_student_learns_its_teacher() -> None:
     assert epochs[-1]["train_loss"] < 0.005
     assert summary["fidelity_after"] > summary["fidelity_before"]
     assert report.modified and not report.warnings
+    assert report.details[0] == {**report.details[0], "kind": "engine", "engine": engine}
     # the returned weights are the ones scored: fresh inputs agree with the teacher
     x = _inputs(128, seed=9)
     out = make_session(result.model).run(None, {"x": x})[0]
@@ -319,7 +332,6 @@ def _cnn_data(n: int = 96) -> np.ndarray:
     return _inputs(n, (1, 8, 8), seed=4)
 
 
-@needs_train
 @pytest.mark.parametrize(
     "compress",
     [
@@ -328,7 +340,7 @@ def _cnn_data(n: int = 96) -> np.ndarray:
         "sparsify-nm",
     ],
 )
-def test_masks_stay_exactly_zero(compress: str) -> None:
+def test_masks_stay_exactly_zero(compress: str, engine: str) -> None:
     from onnxslim_edge.passes.prune.nm import check_nm
 
     teacher = _cnn()
@@ -342,7 +354,7 @@ def test_masks_stay_exactly_zero(compress: str) -> None:
         if t.name.endswith(".w")
     }
     assert sum(int(z.sum()) for z in zeros.values()) > 0
-    result = _distill(pruned, teacher, x, epochs=3, lr=0.01, patience=0)
+    result = _distill(pruned, teacher, x, epochs=3, lr=0.01, patience=0, engine=engine)
     report = result.report.passes[0]
     assert report.modified and report.counters["masked_weights"] == sum(
         int(z.sum()) for z in zeros.values()
@@ -356,19 +368,26 @@ def test_masks_stay_exactly_zero(compress: str) -> None:
         assert nm == {r.node: r.ok for r in check_nm(pruned)} and any(nm.values())
 
 
-@needs_train
 def test_resume_continues_the_same_trajectory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
     """Ctrl-C at step 11 keeps the best model and saves; a second run with the same
     checkpoint folder finishes the same 18 steps to the same weights as an uninterrupted run."""
-    from onnxslim_edge.passes.distill import ort_engine
+    import importlib
 
+    from onnxslim_edge.passes.distill.engine import ENGINES as REGISTRY
+
+    module = REGISTRY[engine].partition(":")[0]
+    program = {
+        "onnxruntime-training": "OrtTrainingProgram",
+        "onnx-ad": "OnnxAdProgram",
+    }[engine]
+    program_cls = getattr(importlib.import_module(module), program)
     teacher, student, x = _mlp(), _mlp(seed=3, noise=0.5), _inputs(128)
-    options = dict(epochs=3, lr=0.02, patience=0, batch_size=16, holdout=0.25)
+    options = dict(epochs=3, lr=0.02, patience=0, batch_size=16, holdout=0.25, engine=engine)
     straight = _distill(student, teacher, x, **options).model
 
-    real_step = ort_engine.OrtTrainingProgram.step
+    real_step = program_cls.step
     calls = {"n": 0}
 
     def interrupting(self: Any, feeds: Any, lr: float) -> float:
@@ -377,14 +396,14 @@ def test_resume_continues_the_same_trajectory(
             raise KeyboardInterrupt
         return real_step(self, feeds, lr)
 
-    monkeypatch.setattr(ort_engine.OrtTrainingProgram, "step", interrupting)
+    monkeypatch.setattr(program_cls, "step", interrupting)
     ckpt = tmp_path / "ckpt"
     first = _distill(student, teacher, x, checkpoint_dir=str(ckpt), **options)
     report = first.report.passes[0]
     assert _summary(report)["interrupted"] and _summary(report)["steps"] == 10
     assert any("interrupted after 10 steps" in w for w in report.warnings)
     assert (ckpt / "progress.json").is_file()
-    monkeypatch.setattr(ort_engine.OrtTrainingProgram, "step", real_step)
+    monkeypatch.setattr(program_cls, "step", real_step)
     second = _distill(student, teacher, x, checkpoint_dir=str(ckpt), **options)
     summary = _summary(second.report.passes[0])
     assert summary["resumed_from_step"] == 10 and summary["steps"] == 18
@@ -396,8 +415,7 @@ def test_resume_continues_the_same_trajectory(
         _distill(_mlp(seed=5, noise=0.3), teacher, x, checkpoint_dir=str(ckpt), **options)
 
 
-@needs_train
-def test_qdq_model_fine_tuned_stays_lint_clean() -> None:
+def test_qdq_model_fine_tuned_stays_lint_clean(engine: str) -> None:
     """Quantization-aware mode: int8 weights re-quantized on their own scales, every Q/DQ
     node kept, TensorRT lint clean, held-out fidelity not below the PTQ model's."""
     from onnxslim_edge.passes.quantize.lint import lint_qdq
@@ -413,7 +431,9 @@ def test_qdq_model_fine_tuned_stays_lint_clean() -> None:
     ctx = Context(data=[{"x": x}])
     quantized = Pipeline(["quantize:method=minmax"], target="tensorrt").run(student, ctx).model
     assert not [v for v in lint_qdq(quantized) if v.severity == "error"]
-    result = _distill(quantized, teacher, x, epochs=3, lr=0.002, patience=0, losses=("logits=mse",))
+    result = _distill(
+        quantized, teacher, x, epochs=3, lr=0.002, patience=0, losses=("logits=mse",), engine=engine
+    )
     report = result.report.passes[0]
     summary = _summary(report)
     assert report.counters["fake_quant_weights"] == 3
@@ -431,7 +451,7 @@ def test_qdq_model_fine_tuned_stays_lint_clean() -> None:
     assert summary["fidelity_after"] > summary["fidelity_before"]
 
 
-@needs_train
+@needs_engine
 def test_a_worse_result_keeps_the_input() -> None:
     teacher, student, x = _mlp(), _mlp(seed=3, noise=0.05), _inputs(64)
     result = _distill(
@@ -442,7 +462,7 @@ def test_a_worse_result_keeps_the_input() -> None:
     assert any("kept the input model" in w for w in report.warnings)
 
 
-@needs_train
+@needs_ort
 def test_no_gradient_op_is_named_or_frozen() -> None:
     rng = np.random.default_rng(0)
     inits = {
@@ -458,18 +478,24 @@ def test_no_gradient_op_is_named_or_frozen() -> None:
     inits["W1"] = inits["W1"] + rng.normal(size=(4, 3)).astype(np.float32)
     student = _model(nodes, inits, [_vi("x", ["N", 4])], [_vi("y", ["N", 3])], opset=13)
     x = _inputs(64, (4,))
+    ort = "onnxruntime-training"
     with pytest.raises(
         UnsupportedError, match=r"no gradient through Einsum 'ein'.*no_gradient=freeze"
     ):
-        _distill(student, teacher, x)
-    result = _distill(student, teacher, x, no_gradient="freeze", epochs=5, lr=0.05, patience=0)
+        _distill(student, teacher, x, engine=ort)
+    options = dict(no_gradient="freeze", epochs=5, lr=0.05, patience=0)
+    result = _distill(student, teacher, x, engine=ort, **options)
     report = result.report.passes[0]
     assert any("Einsum 'ein'" in w and "froze 1" in w for w in report.warnings)
     np.testing.assert_array_equal(_init(result.model, "W0"), inits["W0"])
     assert not np.array_equal(_init(result.model, "W1"), inits["W1"])
+    if "onnx-ad" in ENGINES:  # standard-op gradients exist for Einsum: both layers train
+        result = _distill(student, teacher, x, engine="onnx-ad", **options)
+        assert not result.report.passes[0].warnings
+        assert not np.array_equal(_init(result.model, "W0"), inits["W0"])
 
 
-@needs_train
+@needs_engine
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(_mlp(), src)
@@ -497,7 +523,7 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         _distill(_mlp(), _mlp(), _inputs(1))
 
 
-@needs_train
+@needs_engine
 def test_cli_prune_then_distill_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src, out, report = tmp_path / "cnn.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
     onnx.save(_cnn(), src)
@@ -535,7 +561,7 @@ def test_cli_prune_then_distill_end_to_end(tmp_path: Path, capsys: pytest.Captur
     assert _init(onnx.load(out), "c2.w").shape == _init(pruned, "c2.w").shape == (4, 4, 3, 3)
 
 
-@needs_train
+@needs_ort
 def test_if_on_the_gradient_path_is_named_not_a_crash() -> None:
     """ORT training aborts the process on If: the pass names it before compiling, and the
     engine's child process turns the abort into one error line when asked anyway."""
@@ -571,7 +597,7 @@ def test_if_on_the_gradient_path_is_named_not_a_crash() -> None:
         )
 
 
-@needs_train
+@needs_ort
 def test_the_artifact_child_imports_no_torch() -> None:
     code = (
         "import sys\n"
@@ -582,7 +608,7 @@ def test_the_artifact_child_imports_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-@needs_train
+@needs_engine
 def test_distillation_docs_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import re
 
