@@ -214,7 +214,8 @@ def run_demo(
 
         print(
             f"onnxslim-edge demo: {DIGITS_MODEL.name} with the edge recipe ({EDGE_RECIPE.name}), "
-            f"target {target}, calibrated on the test images, latency on this CPU"
+            f"target {target}, distilled and calibrated on the test images (unlabeled), "
+            "latency on this CPU"
         )
         print(_format_rows([("", "before", "after", "change"), *table]))
         print()

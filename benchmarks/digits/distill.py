@@ -11,7 +11,9 @@ is disjoint from it and is only used to measure accuracy. `run` prunes the teach
 channel counts multiples of 8), distills on the *unlabeled* training images, quantizes
 to int8 (TensorRT placement), fine-tunes through the Q/DQ nodes, and writes every row's
 test accuracy, MACs, and the distill runs' epochs, wall time per epoch and samples/s to
-`benchmarks/results/distill_digits.json`; it prints the markdown table RESULTS.md holds.
+`benchmarks/results/distill_digits.json` (`--out` elsewhere); it prints the markdown table
+RESULTS.md holds. The gradient engine is the flavor's: ONNX Runtime training in `train`,
+onnx-ad in `cpu` (`.venv-cpu/bin/python -m benchmarks.digits.distill run --out ...`).
 """
 
 from __future__ import annotations
@@ -67,11 +69,12 @@ def _row(name: str, model: Any, started: float | None, report: Any = None) -> di
             heldout_fidelity=[summary["fidelity_before"], summary["fidelity_after"]],
             loss_curve=summary["loss_curve"],
             compile_s=next(d for d in report.details if d.get("kind") == "engine")["compile_s"],
+            engine=next(d for d in report.details if d.get("kind") == "engine")["engine"],
         )
     return row
 
 
-def run() -> dict[str, Any]:
+def run(out: Path = OUT) -> dict[str, Any]:
     from onnxslim_edge import Context, Pipeline
     from onnxslim_edge.demo import DIGITS_MODEL
     from onnxslim_edge.model import load_model
@@ -105,7 +108,11 @@ def run() -> dict[str, Any]:
         "train_samples": len(images),
         "rows": rows,
     }
-    OUT.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    import onnxruntime
+
+    doc["onnxruntime"] = onnxruntime.__version__
+    doc["engine"] = next(r["engine"] for r in rows if "engine" in r)
+    out.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     return doc
 
 
@@ -132,12 +139,16 @@ def markdown(doc: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.digits.distill")
     parser.add_argument("command", choices=("prepare", "run"))
+    parser.add_argument("--out", type=Path, default=OUT, help=f"JSON results (default {OUT})")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         print(prepare())
         return 0
-    doc = run()
-    print(f"commit {doc['commit']}, {doc['train_samples']} training images\n")
+    doc = run(args.out)
+    print(
+        f"commit {doc['commit']}, engine {doc['engine']} (onnxruntime {doc['onnxruntime']}), "
+        f"{doc['train_samples']} training images\n"
+    )
     print(markdown(doc))
     return 0
 
