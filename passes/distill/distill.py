@@ -21,7 +21,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError, first_line
+from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError
 from onnxslim_edge.passes.distill.engine import OptimizerSpec, engine_for, train_extra_missing
 from onnxslim_edge.passes.distill.legalize import blocked, legalize
 from onnxslim_edge.passes.distill.losses import (
@@ -44,6 +44,7 @@ from onnxslim_edge.passes.distill.losses import (
     teacher_input,
 )
 from onnxslim_edge.passes.distill.qat import offset_input, prepare_qat
+from onnxslim_edge.passes.distill.samples import Teacher, augment_images, fidelity, load_samples
 from onnxslim_edge.passes.distill.trainer import (
     Trainer,
     TrainResult,
@@ -203,7 +204,7 @@ class Distill(Pass):
         teacher = self._teacher(ctx)
         _fold_batchnorm(graph, ctx, report)
         student = _export(graph)
-        inputs, labels = _load_samples(cfg, ctx, student)
+        inputs, labels = load_samples(cfg, ctx, student)
         n = next(iter(inputs.values())).shape[0]
         if n < 2:
             raise DataError(f"distill needs at least 2 samples (1 to train, 1 held out); got {n}")
@@ -250,129 +251,6 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     return lower_ir_version(model)
 
 
-def _load_samples(
-    cfg: DistillConfig, ctx: Context, student: onnx.ModelProto
-) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Every training sample in memory: {input: (N, ...)}, and labels (N,) if asked."""
-    spec = cfg.data if cfg.data is not None else ctx.data
-    if spec is None:
-        raise DataError(
-            "distill needs training data: give --calib DATA (or distill:data=PATH); "
-            "unlabeled samples are enough"
-        )
-    names = [
-        i.name
-        for i in student.graph.input
-        if i.name not in {t.name for t in student.graph.initializer}
-    ]
-    if cfg.labels is not None:
-        return _load_labeled(spec, names, cfg)
-    from onnxslim_edge.data import open_data
-
-    source = open_data(
-        spec, student, batch_size=256, limit=cfg.max_samples, input_shapes=ctx.input_shapes
-    )
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for feed in source:
-        for k in names:
-            if k not in feed:
-                raise DataError(f"distill: the data gives no input '{k}'")
-            arr = np.asarray(feed[k])
-            if shapes.setdefault(k, arr.shape[1:]) != arr.shape[1:]:
-                raise DataError(
-                    f"distill: input '{k}' has samples of shapes {shapes[k]} and "
-                    f"{arr.shape[1:]}; distill needs one shape per input"
-                )
-            parts[k].append(arr)
-    if not parts[names[0]]:
-        raise DataError("distill: the training data is empty")
-    return {k: np.concatenate(v) for k, v in parts.items()}, None
-
-
-def _load_labeled(
-    spec: Any, names: Sequence[str], cfg: DistillConfig
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    if not isinstance(spec, (str, Path)) or not str(spec).endswith(".npz"):
-        raise ConfigError("distill.labels needs the data as an .npz holding the labels array")
-    try:
-        with np.load(spec, allow_pickle=False) as data:
-            missing = [k for k in (*names, cfg.labels) if k not in data.files]
-            if missing:
-                raise DataError(f"{spec}: has no array {missing[0]!r} (has {sorted(data.files)})")
-            inputs = {k: data[k][: cfg.max_samples] for k in names}
-            labels = data[cfg.labels][: cfg.max_samples]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{spec}: not a readable .npz ({first_line(exc)})") from exc
-    n = len(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{spec}: labels {cfg.labels!r} must be integers of shape (N,)")
-    if any(len(v) != n for v in inputs.values()):
-        raise DataError(f"{spec}: labels and inputs hold different sample counts")
-    return inputs, labels.astype(np.int64)
-
-
-# --------------------------------------------------------------------------- the problem
-
-
-class _Teacher:
-    """The teacher's values (outputs and feature tensors) for samples, cached if they fit."""
-
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        names: Sequence[str],
-        inputs: Mapping[str, np.ndarray],
-        cache_mb: int,
-        threads: int | None,
-    ) -> None:
-        from onnxslim_edge.runtime import make_session
-
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        outputs = {o.name for o in m.graph.output}
-        for name in names:
-            if name not in outputs:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        self.session = make_session(m, threads=threads)
-        self.names = list(names)
-        feedable = {i.name for i in self.session.get_inputs()}
-        missing = [k for k in feedable if k not in inputs]
-        if missing:
-            raise UnsupportedError(
-                f"teacher/student input mismatch: the teacher needs input '{missing[0]}', "
-                "which the student does not take"
-            )
-        self.feed_names = sorted(feedable)
-        self.cache: dict[str, np.ndarray] | None = None
-        first = self.run({k: v[:1] for k, v in inputs.items()})
-        n = next(iter(inputs.values())).shape[0]
-        size = sum(v.nbytes for v in first.values()) * n
-        if size <= cache_mb * 2**20:
-            self.cache = self.run(inputs)
-
-    def run(self, inputs: Mapping[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
-        n = next(iter(inputs.values())).shape[0]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.names}
-        for start in range(0, n, batch):
-            feed = {k: inputs[k][start : start + batch] for k in self.feed_names}
-            try:
-                values = self.session.run(self.names, feed)
-            except Exception as exc:  # ORT raises its own types on bad feeds
-                raise DataError(f"the teacher cannot run on the data: {first_line(exc)}") from exc
-            for k, v in zip(self.names, values):
-                parts[k].append(np.asarray(v, dtype=np.float32))
-        return {k: np.concatenate(v) for k, v in parts.items()}
-
-    def values(
-        self, idx: np.ndarray, batch_inputs: Mapping[str, np.ndarray] | None
-    ) -> dict[str, np.ndarray]:
-        if batch_inputs is None and self.cache is not None:
-            return {k: v[idx] for k, v in self.cache.items()}
-        assert batch_inputs is not None
-        return self.run(batch_inputs)
-
-
 class _Problem:
     """Everything one distill run builds: terms, trainable set, masks, feeds, scoring."""
 
@@ -396,7 +274,7 @@ class _Problem:
         self.n = next(iter(inputs.values())).shape[0]
         self.terms = self._terms(teacher)
         teacher_names = [t.output for t in self.terms] + [f.teacher for f in self._features()]
-        self.teacher = _Teacher(
+        self.teacher = Teacher(
             teacher, list(dict.fromkeys(teacher_names)), inputs, cfg.teacher_cache_mb, cfg.threads
         )
         self._check_outputs()
@@ -565,7 +443,7 @@ class _Problem:
         augmented = None
         if rng is not None and self.augment:
             key = next(iter(batch))
-            batch[key] = _augment_images(batch[key], rng)
+            batch[key] = augment_images(batch[key], rng)
             augmented = batch
         teacher = self.teacher.values(idx, augmented)
         feeds = dict(batch)
@@ -614,7 +492,7 @@ class _Problem:
             if self.teacher.cache is not None
             else self.teacher.run({k: v[held] for k, v in self.inputs.items()})
         )
-        scores = [_fidelity(want[k], np.concatenate(outs[k])) for k in names]
+        scores = [fidelity(want[k], np.concatenate(outs[k])) for k in names]
         return float(np.mean(scores))
 
     # -- the run
@@ -761,38 +639,3 @@ def _auto_kind(out: onnx.ValueInfoProto) -> str:
     if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 1:
         return "kd"
     return "mse"
-
-
-def _fidelity(ref: np.ndarray, cand: np.ndarray) -> float:
-    """Top-1 agreement for (N, classes) logits, cosine over all elements otherwise."""
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        return float(np.mean(np.argmax(ref, 1) == np.argmax(cand, 1)))
-    r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
-    denom = np.sqrt((r @ r) * (c @ c))
-    return float(r @ c / denom) if denom > 0 else float(np.array_equal(r, c))
-
-
-def _augment_images(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random resized crop (scale 0.5-1, aspect 3/4-4/3, bilinear) and horizontal flip."""
-    n, _, h, w = batch.shape
-    out = np.empty_like(batch)
-    for i in range(n):
-        area = rng.uniform(0.5, 1.0) * h * w
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        ch = int(min(h, max(1, round(np.sqrt(area / aspect)))))
-        cw = int(min(w, max(1, round(np.sqrt(area * aspect)))))
-        y0 = int(rng.integers(0, h - ch + 1))
-        x0 = int(rng.integers(0, w - cw + 1))
-        ys = y0 + (np.arange(h) + 0.5) * ch / h - 0.5
-        xs = x0 + (np.arange(w) + 0.5) * cw / w - 0.5
-        ys = np.clip(ys, y0, y0 + ch - 1)
-        xs = np.clip(xs, x0, x0 + cw - 1)
-        yi, xi = np.floor(ys).astype(int), np.floor(xs).astype(int)
-        yj, xj = np.minimum(yi + 1, h - 1), np.minimum(xi + 1, w - 1)
-        fy, fx = (ys - yi)[:, None], (xs - xi)[None, :]
-        img = batch[i]
-        top = img[:, yi][:, :, xi] * (1 - fx) + img[:, yi][:, :, xj] * fx
-        bottom = img[:, yj][:, :, xi] * (1 - fx) + img[:, yj][:, :, xj] * fx
-        crop = top * (1 - fy) + bottom * fy
-        out[i] = crop[:, :, ::-1] if rng.random() < 0.5 else crop
-    return out
