@@ -31,6 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxslim_edge import Context, Pass, PassReport
 from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError
 from onnxslim_edge.passes.distill.engine import OptimizerSpec, engine_for, train_extra_missing
 from onnxslim_edge.passes.distill.legalize import blocked, legalize
@@ -51,7 +52,6 @@ from onnxslim_edge.passes.distill.trainer import (
     TrainSettings,
     check_checkpoint,
 )
-from onnxslim_edge.pipeline import Context, Pass, PassReport
 
 __all__ = ["Distill", "DistillConfig"]
 
@@ -181,14 +181,15 @@ def _parse_feature(item: str) -> FeaturePair:
 
 
 class Distill(Pass):
-    """Fine-tune the student's float weights to match the teacher's outputs. Lossy (it
-    recovers what earlier passes lost): measured on a held-out split by output fidelity
-    (top-1 agreement for logits, cosine otherwise), and never returns a model that
-    scores below its input there.
+    """Student -> the same graph with its float weights fine-tuned to reproduce the teacher.
 
-    Scope: every float weight of Conv/Gemm/MatMul/elementwise layers and the float
-    parameters of integer weights behind DequantizeLinear, minus `frozen`; exact zeros of
-    layer weights stay zero (`keep_zeros`). Needs the `train` extra.
+    Lossy (it recovers what earlier passes lost), measured on a held-out split by output
+    fidelity (top-1 agreement for logits, cosine otherwise); never returns a model that
+    scores below its input there. Scope: every float weight of Conv/Gemm/MatMul/
+    elementwise layers and the float parameters of integer weights behind
+    DequantizeLinear, minus `frozen`; exact zeros of layer weights stay zero
+    (`keep_zeros`). Needs a gradient engine: ONNX Runtime training (`train` extra) or
+    onnx-ad (both extras).
     """
 
     name: ClassVar[str] = "distill"

@@ -279,7 +279,10 @@ class Trainer:
                         window = []
                     if hasattr(bar, "set_postfix"):
                         rate = seen / max(time.perf_counter() - t0, 1e-9)
-                        bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{rate:.0f}")
+                        last = result.history[-1].metric if result.history else result.before_metric
+                        bar.set_postfix(
+                            loss=f"{loss:.4g}", fidelity=f"{last:.4f}", img_s=f"{rate:.0f}"
+                        )
                     if self.on_step is not None:
                         self.on_step(result.steps, loss)
                 wall = time.perf_counter() - t0

@@ -22,7 +22,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim_edge import cli
+from onnxslim_edge import Context, Pipeline, cli
 from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError
 from onnxslim_edge.passes.distill.distill import Distill
 from onnxslim_edge.passes.distill.engine import TRAIN_EXTRA_MESSAGE, available_engines
@@ -36,7 +36,6 @@ from onnxslim_edge.passes.distill.losses import (
     build_loss_model,
     teacher_input,
 )
-from onnxslim_edge.pipeline import Context, Pipeline
 from onnxslim_edge.runtime import make_session
 
 ENGINES = available_engines()
@@ -289,9 +288,16 @@ def test_without_an_engine_the_error_names_the_train_extra(
 # --------------------------------------------------------------------------- training
 
 
-def _distill(student: Any, teacher: Any, x: np.ndarray, name: str = "x", **options: Any) -> Any:
+def _distill(
+    student: Any,
+    teacher: Any,
+    x: np.ndarray,
+    name: str = "x",
+    progress: bool = False,
+    **options: Any,
+) -> Any:
     options.setdefault("threads", 1)
-    ctx = Context(data=[{name: x}], reference=teacher)
+    ctx = Context(data=[{name: x}], reference=teacher, progress=progress)
     return Pipeline([Distill(**options)]).run(student, ctx)
 
 
@@ -354,7 +360,9 @@ def test_masks_stay_exactly_zero(compress: str, engine: str) -> None:
         if t.name.endswith(".w")
     }
     assert sum(int(z.sum()) for z in zeros.values()) > 0
-    result = _distill(pruned, teacher, x, epochs=3, lr=0.01, patience=0, engine=engine)
+    result = _distill(
+        pruned, teacher, x, epochs=3, lr=0.01, patience=0, engine=engine, progress=True
+    )
     report = result.report.passes[0]
     assert report.modified and report.counters["masked_weights"] == sum(
         int(z.sum()) for z in zeros.values()
