@@ -5,8 +5,8 @@ with respect to the trainable weights (moved to graph inputs), built from ordina
 operations, so any `onnxruntime` runs it: distillation in the `cpu` flavor, on Python
 versions without an ORT-training wheel, and on aarch64. Its reverse rules need static
 shapes (a Conv's transposed convolution must know its input size), so one gradient model
-is built per batch size met (the last, smaller batch gets its own) with every symbolic
-input dimension fixed. The optimizer (AdamW with bias correction and decoupled weight
+is built per set of input shapes met (the last, smaller batch gets its own), every
+input dimension fixed to the batch's. The optimizer (AdamW with bias correction and decoupled weight
 decay, or SGD) runs in numpy; its state saves to one `.npz`.
 
 Activation Quantize->Dequantize pairs: `onnx-ad` gives QuantizeLinear its true zero
@@ -118,30 +118,39 @@ class OnnxAdProgram(TrainingProgram):
         self._gradient_session(None)  # fail at compile time, not at the first step
 
     def _gradient_session(self, feeds: Mapping[str, np.ndarray] | None) -> tuple[Any, str]:
-        """The gradient model for the batch size of `feeds` (None: a probe at batch 2)."""
+        """The gradient model for the input shapes of `feeds` (None: a probe, batch 2)."""
         from onnx_ad import UnsupportedOperator, reverse
 
         from onnxslim_edge.runtime import make_session
 
-        batch = 2 if feeds is None else int(next(iter(feeds.values())).shape[0])
-        key = (batch,)
+        params = set(self.trainable)
+        inputs = [vi for vi in self._model.graph.input if vi.name not in params]
+        if feeds is None:  # probe: symbolic dims 2, the rest as declared
+            shapes = {
+                vi.name: [
+                    d.dim_value if d.HasField("dim_value") else 2
+                    for d in vi.type.tensor_type.shape.dim
+                ]
+                for vi in inputs
+            }
+        else:
+            shapes = {vi.name: list(np.shape(feeds[vi.name])) for vi in inputs if vi.name in feeds}
+        key = tuple(tuple(shapes.get(vi.name, ())) for vi in inputs)
         if key in self._grad_sessions:
             return self._grad_sessions[key]
         model = onnx.ModelProto()
         model.CopyFrom(self._model)
-        params = set(self.trainable)
         for vi in model.graph.input:
-            if vi.name in params:
-                continue
-            dims = vi.type.tensor_type.shape.dim
-            for i, d in enumerate(dims):
-                if not d.HasField("dim_value"):
-                    if i != 0:
-                        raise UnsupportedError(
-                            f"onnx-ad engine: input '{vi.name}' has a symbolic dimension "
-                            f"{i}; give --input-shape (its gradient rules need static shapes)"
-                        )
-                    d.dim_value = batch
+            if vi.name in shapes:
+                dims = vi.type.tensor_type.shape.dim
+                for d, size in zip(dims, shapes[vi.name]):
+                    d.Clear()
+                    d.dim_value = int(size)
+                if any(d.dim_value <= 0 for d in dims):
+                    raise UnsupportedError(
+                        f"onnx-ad engine: input '{vi.name}' has a symbolic dimension after the "
+                        "batch axis; its gradient rules need static shapes"
+                    )
         del model.graph.value_info[:]
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)

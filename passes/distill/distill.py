@@ -45,7 +45,14 @@ from onnxslim_edge.passes.distill.losses import (
     teacher_input,
 )
 from onnxslim_edge.passes.distill.qat import offset_input, prepare_qat
-from onnxslim_edge.passes.distill.samples import Teacher, augment_images, fidelity, load_samples
+from onnxslim_edge.passes.distill.samples import (
+    Teacher,
+    augment_images,
+    fidelity,
+    fixed_batch,
+    load_samples,
+    run_batched,
+)
 from onnxslim_edge.passes.distill.trainer import (
     Trainer,
     TrainResult,
@@ -286,6 +293,10 @@ class _Problem:
                 raise ConfigError("distill.labels needs an output with the kd loss (class logits)")
             self.labels = labels
         self.augment = self._augment()
+        self.fixed = fixed_batch(student)
+        self.batch_size = self.fixed or cfg.batch_size
+        if self.fixed and self.fixed != cfg.batch_size:
+            report.warn(f"the model fixes its batch to {self.fixed}: training in batches of it")
         self.engine = engine_for(cfg.engine)
         self.train_student, self.fq = prepare_qat(student)
         legal = legalize(self.train_student)
@@ -336,7 +347,7 @@ class _Problem:
         session = make_session(self.student, threads=self.cfg.threads)
         names = [t.output for t in self.terms]
         feed = {i.name: self.inputs[i.name][:2] for i in session.get_inputs()}
-        got = dict(zip(names, session.run(names, feed)))
+        got = dict(zip(names, run_batched(session, names, feed, 2, fixed_batch(self.student))))
         want = self.teacher.run({k: v[:2] for k, v in self.inputs.items()})
         for name in names:
             if got[name].shape != want[name].shape:
@@ -481,19 +492,14 @@ class _Problem:
 
         session = make_session(self.apply(self.student, params), threads=self.cfg.threads)
         names = [t.output for t in self.terms] or [self.student.graph.output[0].name]
-        feed_names = [i.name for i in session.get_inputs()]
-        outs: dict[str, list[np.ndarray]] = {k: [] for k in names}
-        for start in range(0, len(held), 256):
-            idx = held[start : start + 256]
-            got = session.run(names, {k: self.inputs[k][idx] for k in feed_names})
-            for k, v in zip(names, got):
-                outs[k].append(v)
+        feeds = {i.name: self.inputs[i.name][held] for i in session.get_inputs()}
+        outs = dict(zip(names, run_batched(session, names, feeds, 256, self.fixed)))
         want = (
             self.teacher.values(held, None)
             if self.teacher.cache is not None
             else self.teacher.run({k: v[held] for k, v in self.inputs.items()})
         )
-        scores = [fidelity(want[k], np.concatenate(outs[k])) for k in names]
+        scores = [fidelity(want[k], outs[k]) for k in names]
         return float(np.mean(scores))
 
     # -- the run
@@ -549,7 +555,8 @@ class _Problem:
         settings = TrainSettings(
             epochs=cfg.epochs,
             steps=cfg.steps,
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_size,
+            pad_batches=self.fixed is not None,
             lr=float(cfg.lr),
             warmup=float(cfg.warmup),
             schedule=cfg.schedule,

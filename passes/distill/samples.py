@@ -20,7 +20,44 @@ import onnx
 
 from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError, first_line
 
-__all__ = ["Teacher", "augment_images", "fidelity", "load_samples"]
+__all__ = ["Teacher", "augment_images", "fidelity", "fixed_batch", "load_samples", "run_batched"]
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size `model` fixes on axis 0 of its inputs, or None when it is symbolic."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if (
+            vi.name not in inits
+            and dims
+            and dims[0].HasField("dim_value")
+            and dims[0].dim_value > 0
+        ):
+            return int(dims[0].dim_value)
+    return None
+
+
+def run_batched(
+    session: Any,
+    names: Sequence[str],
+    feeds: Mapping[str, np.ndarray],
+    batch: int,
+    fixed: int | None,
+) -> list[np.ndarray]:
+    """`session.run(names, feeds)` in chunks along axis 0 (of `fixed` when the model fixes
+    its batch: a short last chunk is padded by repeating samples, its extra outputs cut)."""
+    n = next(iter(feeds.values())).shape[0]
+    step = fixed or batch
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, n, step):
+        chunk = {k: v[start : start + step] for k, v in feeds.items()}
+        count = next(iter(chunk.values())).shape[0]
+        if fixed and count < fixed:
+            chunk = {k: np.resize(v, (fixed, *v.shape[1:])) for k, v in chunk.items()}
+        for part, value in zip(parts, session.run(list(names), chunk)):
+            part.append(np.asarray(value)[:count])
+    return [np.concatenate(p) for p in parts]
 
 
 def load_samples(
@@ -108,6 +145,7 @@ class Teacher:
             if name not in outputs:
                 m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         self.session = make_session(m, threads=threads)
+        self.fixed = fixed_batch(model)
         self.names = list(names)
         feedable = {i.name for i in self.session.get_inputs()}
         missing = [k for k in feedable if k not in inputs]
@@ -125,17 +163,12 @@ class Teacher:
             self.cache = self.run(inputs)
 
     def run(self, inputs: Mapping[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
-        n = next(iter(inputs.values())).shape[0]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.names}
-        for start in range(0, n, batch):
-            feed = {k: inputs[k][start : start + batch] for k in self.feed_names}
-            try:
-                values = self.session.run(self.names, feed)
-            except Exception as exc:  # ORT raises its own types on bad feeds
-                raise DataError(f"the teacher cannot run on the data: {first_line(exc)}") from exc
-            for k, v in zip(self.names, values):
-                parts[k].append(np.asarray(v, dtype=np.float32))
-        return {k: np.concatenate(v) for k, v in parts.items()}
+        feeds = {k: inputs[k] for k in self.feed_names}
+        try:
+            values = run_batched(self.session, self.names, feeds, batch, self.fixed)
+        except Exception as exc:  # ORT raises its own types on bad feeds
+            raise DataError(f"the teacher cannot run on the data: {first_line(exc)}") from exc
+        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(self.names, values)}
 
     def values(
         self, idx: np.ndarray, batch_inputs: Mapping[str, np.ndarray] | None

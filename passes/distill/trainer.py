@@ -50,6 +50,7 @@ class TrainSettings:
     epochs: int = 10
     steps: int | None = None
     batch_size: int = 32
+    pad_batches: bool = False  # fill a short batch up by repeating samples (fixed batch)
     lr: float = 1e-3
     warmup: float = 0.05
     schedule: str = "cosine"
@@ -144,6 +145,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
+    def _batch(self, idx: np.ndarray) -> np.ndarray:
+        if self.settings.pad_batches and 0 < len(idx) < self.settings.batch_size:
+            return np.resize(idx, self.settings.batch_size)
+        return idx
+
     def _order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.settings.seed, epoch])
         return rng.permutation(self.train_idx)
@@ -154,7 +160,7 @@ class Trainer:
         b = self.settings.batch_size
         for start in range(0, len(self.held_idx), b):
             idx = self.held_idx[start : start + b]
-            total += self.program.loss(self.make_feeds(idx, None, params)) * len(idx)
+            total += self.program.loss(self.make_feeds(self._batch(idx), None, params)) * len(idx)
             count += len(idx)
         return total / max(count, 1)
 
@@ -257,7 +263,7 @@ class Trainer:
                 for i in bar:
                     if result.steps >= self.total_steps:
                         break
-                    idx = order[i * s.batch_size : (i + 1) * s.batch_size]
+                    idx = self._batch(order[i * s.batch_size : (i + 1) * s.batch_size])
                     rng = np.random.default_rng([s.seed, epoch, i])
                     params = (
                         self.program.get_parameters(self.feed_params) if self.feed_params else {}

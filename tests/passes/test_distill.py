@@ -334,6 +334,19 @@ def test_a_tiny_student_learns_its_teacher(engine: str) -> None:
     assert all(e["samples_per_s"] > 0 and e["wall_s"] > 0 for e in epochs)
 
 
+def test_a_model_with_a_fixed_batch_trains_in_batches_of_it(engine: str) -> None:
+    fixed = _mlp(seed=3, noise=0.5)
+    for vi in [*fixed.graph.input, *fixed.graph.output]:
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    result = _distill(fixed, _mlp(), _inputs(41), epochs=2, lr=0.02, patience=0, engine=engine)
+    report = result.report.passes[0]
+    assert report.modified and report.counters["steps"] == 2 * 37  # 37 of 41 train, 4 held out
+    assert any("fixes its batch to 1" in w for w in report.warnings)
+    summary = _summary(report)
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
 def _cnn_data(n: int = 96) -> np.ndarray:
     return _inputs(n, (1, 8, 8), seed=4)
 
