@@ -342,18 +342,32 @@ class _Problem:
         return terms
 
     def _check_outputs(self) -> None:
+        """Run both models on two samples: the matched outputs and feature pairs agree."""
         from onnxslim_edge.runtime import make_session
 
-        session = make_session(self.student, threads=self.cfg.threads)
-        names = [t.output for t in self.terms]
+        features = self._features()
+        produced = {o for n in self.student.graph.node for o in n.output}
+        for pair in features:
+            if pair.student not in produced:
+                raise ConfigError(f"distill.features: '{pair.student}' is no tensor of the student")
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.student)
+        probe.graph.output.extend(
+            onnx.helper.make_empty_tensor_value_info(p.student) for p in features
+        )
+        session = make_session(probe, threads=self.cfg.threads)
+        names = [t.output for t in self.terms] + [p.student for p in features]
         feed = {i.name: self.inputs[i.name][:2] for i in session.get_inputs()}
         got = dict(zip(names, run_batched(session, names, feed, 2, fixed_batch(self.student))))
         want = self.teacher.run({k: v[:2] for k, v in self.inputs.items()})
-        for name in names:
-            if got[name].shape != want[name].shape:
+        pairs = [(t.output, t.output) for t in self.terms] + [
+            (p.student, p.teacher) for p in features
+        ]
+        for s_name, t_name in pairs:
+            if got[s_name].shape != want[t_name].shape:
                 raise UnsupportedError(
-                    f"teacher/student output mismatch: '{name}' is {want[name].shape[1:]} per "
-                    f"sample in the teacher but {got[name].shape[1:]} in the student"
+                    f"teacher/student output mismatch: '{t_name}' is {want[t_name].shape[1:]} per "
+                    f"sample in the teacher but '{s_name}' is {got[s_name].shape[1:]} in the student"
                 )
 
     def _augment(self) -> bool:

@@ -141,6 +141,10 @@ class Teacher:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         outputs = {o.name for o in m.graph.output}
+        produced = {o for n in m.graph.node for o in n.output} | outputs
+        unknown = [n for n in names if n not in produced]
+        if unknown:
+            raise ConfigError(f"distill.features: '{unknown[0]}' is no tensor of the teacher")
         for name in names:
             if name not in outputs:
                 m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))

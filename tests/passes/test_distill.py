@@ -334,6 +334,22 @@ def test_a_tiny_student_learns_its_teacher(engine: str) -> None:
     assert all(e["samples_per_s"] > 0 and e["wall_s"] > 0 for e in epochs)
 
 
+@needs_engine
+def test_feature_pairs_train_and_bad_names_are_one_line() -> None:
+    teacher, student, x = _mlp(), _mlp(seed=3, noise=0.5), _inputs(64)
+    result = _distill(student, teacher, x, epochs=8, lr=0.02, patience=0, features=("r=r:0.5",))
+    summary = _summary(result.report.passes[0])
+    assert summary["heldout_loss_after"] < 0.5 * summary["heldout_loss_before"]
+    with pytest.raises(ConfigError, match="'nope' is no tensor of the student"):
+        _distill(student, teacher, x, features=("nope=r",))
+    with pytest.raises(ConfigError, match="'nope' is no tensor of the teacher"):
+        _distill(student, teacher, x, features=("r=nope",))
+    with pytest.raises(
+        UnsupportedError, match=r"'h' is \(16,\) per sample in the teacher but 'logits' is \(4,\)"
+    ):
+        _distill(student, teacher, x, features=("logits=h",))
+
+
 def test_a_model_with_a_fixed_batch_trains_in_batches_of_it(engine: str) -> None:
     fixed = _mlp(seed=3, noise=0.5)
     for vi in [*fixed.graph.input, *fixed.graph.output]:
