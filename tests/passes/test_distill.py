@@ -350,6 +350,23 @@ def test_feature_pairs_train_and_bad_names_are_one_line() -> None:
         _distill(student, teacher, x, features=("logits=h",))
 
 
+@needs_engine
+def test_labels_add_cross_entropy(tmp_path: Path) -> None:
+    teacher, student, x = _mlp(), _mlp(seed=3, noise=0.5), _inputs(64)
+    labels = np.argmax(make_session(teacher).run(None, {"x": x})[0], 1)
+    np.savez(tmp_path / "train.npz", x=x, label=labels)
+    data = str(tmp_path / "train.npz")
+    options = dict(data=data, epochs=8, lr=0.02, patience=0)
+    summary = _summary(_distill(student, teacher, x, labels="label", **options).report.passes[0])
+    assert summary["fidelity_after"] > summary["fidelity_before"]
+    assert summary["heldout_loss_after"] < 0.5 * summary["heldout_loss_before"]
+    with pytest.raises(DataError, match="has no array 'lbl'"):
+        _distill(student, teacher, x, labels="lbl", **options)
+    np.savez(tmp_path / "bad.npz", x=x, label=labels.astype(np.float32))
+    with pytest.raises(DataError, match="must be integers"):
+        _distill(student, teacher, x, labels="label", data=str(tmp_path / "bad.npz"))
+
+
 def test_a_model_with_a_fixed_batch_trains_in_batches_of_it(engine: str) -> None:
     fixed = _mlp(seed=3, noise=0.5)
     for vi in [*fixed.graph.input, *fixed.graph.output]:
