@@ -10,6 +10,7 @@ Losses and rewrites are plain ONNX, checked in any ONNX Runtime; training needs 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -365,6 +366,30 @@ def test_labels_add_cross_entropy(tmp_path: Path) -> None:
     np.savez(tmp_path / "bad.npz", x=x, label=labels.astype(np.float32))
     with pytest.raises(DataError, match="must be integers"):
         _distill(student, teacher, x, labels="label", data=str(tmp_path / "bad.npz"))
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_zero() -> None:
+    from onnxslim_edge.passes.distill.trainer import learning_rate
+
+    lrs = [learning_rate(i, 100, 1.0, 0.1, "cosine") for i in range(100)]
+    assert lrs[:10] == pytest.approx([(i + 1) / 11 for i in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5 * (1 + np.cos(np.pi * 45 / 90)))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 89 / 90))) and lrs[-1] < 1e-3
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert learning_rate(50, 100, 0.3, 0.1, "constant") == 0.3
+
+
+@needs_engine
+def test_steps_and_early_stopping() -> None:
+    teacher, x = _mlp(), _inputs(64)
+    steps = _distill(_mlp(seed=3, noise=0.5), teacher, x, steps=5, patience=0).report.passes[0]
+    assert steps.counters["steps"] == 5 and _summary(steps)["epochs"] == 3  # 2 steps an epoch
+    # the student is the teacher: nothing can improve, so patience 1 stops after one epoch
+    same = _distill(_mlp(), teacher, x, epochs=10, patience=1, lr=0.01).report.passes[0]
+    summary = _summary(same)
+    assert summary["stopped_early"] and summary["epochs"] == 1 and not same.modified
+    assert any("kept the input model" in w for w in same.warnings)
 
 
 def test_a_model_with_a_fixed_batch_trains_in_batches_of_it(engine: str) -> None:
