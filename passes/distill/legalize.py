@@ -1,8 +1,9 @@
 """Rewrite ops that have no gradient into exact equivalents that have one, before training.
 
 ONNX Runtime training 1.19.2 registers no gradient for HardSwish, HardSigmoid, PRelu,
-Softplus, Mish, Elu, Selu, Softsign and InstanceNormalization (measured here). Each is
-rewritten into ops that have one, with the same output name, so nothing else changes:
+Softplus, Mish, Elu, Selu, Softsign and InstanceNormalization, and its LayerNormalization
+gradient needs the optional outputs (measured here). Each is rewritten into ops that
+have one, with the same output name, so nothing else changes:
 
     HardSigmoid(x; a, b)        -> Clip(x * a + b, 0, 1)
     HardSwish(x)                -> x * Clip(x * 1/6 + 1/2, 0, 1)
@@ -14,6 +15,10 @@ rewritten into ops that have one, with the same output name, so nothing else cha
     Softsign(x)                 -> x / (1 + |x|)
     InstanceNormalization(x, s, b; eps)
         -> (x - m) / Sqrt(v + eps) * s + b, m and v the mean and variance over axes 2..
+    LayerNormalization(x, s, b) -> the same node with its Mean and InvStdDev outputs
+                                   (ORT's gradient reads them)
+    Dropout(x, ...)             -> Identity(x) (inference: Dropout is the identity; a
+                                   mask output, when read, stays a Dropout)
 
 Exact up to float rounding (the tests compare each rewrite with the original op in ONNX
 Runtime). Ops that still have no gradient are named by `blocked`: the trainer freezes
@@ -56,8 +61,8 @@ class Legalized:
 
 
 class _Emitter:
-    def __init__(self, graph: onnx.GraphProto, opset: int, base: str) -> None:
-        self.graph, self.opset, self.base = graph, opset, base
+    def __init__(self, graph: onnx.GraphProto, opset: int, base: str, read: set[str]) -> None:
+        self.graph, self.opset, self.base, self.read = graph, opset, base, read
         self.nodes: list[onnx.NodeProto] = []
         self.k = 0
 
@@ -177,6 +182,28 @@ def _instance_norm(e: _Emitter, n: onnx.NodeProto, ranks: Mapping[str, int]) -> 
     return True
 
 
+def _layer_norm(e: _Emitter, n: onnx.NodeProto, ranks: Mapping[str, int]) -> bool:
+    if len(n.output) >= 3 and all(n.output):
+        return False
+    node = onnx.NodeProto()
+    node.CopyFrom(n)
+    outputs = list(node.output) + [""] * (3 - len(node.output))
+    base = n.name or n.output[0]
+    outputs[1] = outputs[1] or f"{base}/legal_mean"
+    outputs[2] = outputs[2] or f"{base}/legal_inv_std"
+    del node.output[:]
+    node.output.extend(outputs)
+    e.nodes.append(node)
+    return True
+
+
+def _dropout(e: _Emitter, n: onnx.NodeProto, ranks: Mapping[str, int]) -> bool:
+    if len(n.output) > 1 and n.output[1] and n.output[1] in e.read:
+        return False
+    e.op("Identity", n.input[0], out=n.output[0])
+    return True
+
+
 Rewrite = Callable[[_Emitter, onnx.NodeProto, Mapping[str, int]], bool]
 
 #: op type -> rewrite into ops with gradients (same output name).
@@ -190,6 +217,8 @@ REWRITES: Mapping[str, Rewrite] = {
     "Selu": _selu,
     "Softsign": _softsign,
     "InstanceNormalization": _instance_norm,
+    "LayerNormalization": _layer_norm,
+    "Dropout": _dropout,
 }
 
 
@@ -218,10 +247,11 @@ def legalize(model: onnx.ModelProto) -> Legalized:
     ranks = _ranks(out) if any(n.op_type == "InstanceNormalization" for n in graph.node) else {}
     counts: dict[str, int] = {}
     nodes: list[onnx.NodeProto] = []
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for i, node in enumerate(graph.node):
         rewrite = REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rewrite is not None:
-            emitter = _Emitter(graph, opset, node.name or f"{node.op_type}_{i}")
+            emitter = _Emitter(graph, opset, node.name or f"{node.op_type}_{i}", read)
             if rewrite(emitter, node, ranks):
                 nodes.extend(emitter.nodes)
                 counts[node.op_type] = counts.get(node.op_type, 0) + 1

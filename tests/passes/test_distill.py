@@ -214,6 +214,14 @@ _CASES = {
     "Elu": ({"alpha": 0.7}, []),
     "Selu": ({}, []),
     "Softsign": ({}, []),
+    "LayerNormalization": (
+        {"epsilon": 1e-3},
+        [
+            ("scale", np.linspace(0.5, 1.5, 5, dtype=np.float32)),
+            ("bias", np.full(5, 0.1, np.float32)),
+        ],
+    ),
+    "Dropout": ({}, [("ratio", np.array(0.4, np.float32))]),
     "InstanceNormalization": (
         {"epsilon": 1e-3},
         [
@@ -233,6 +241,8 @@ def test_every_rewrite_is_tested() -> None:
 def test_rewrite_equals_the_original_op(op: str, opset: int) -> None:
     if op in ("Mish",) and opset < 18:
         pytest.skip("Mish exists from opset 18")
+    if op == "LayerNormalization" and opset < 17:
+        pytest.skip("LayerNormalization exists from opset 17")
     if op == "HardSwish" and opset < 14:
         opset = 14
     attrs, extra = _CASES[op]
@@ -242,7 +252,10 @@ def test_rewrite_equals_the_original_op(op: str, opset: int) -> None:
     model = _model([node], inits, [_vi("x", shape)], [_vi("y", shape)], opset=opset)
     legal = legalize(model)
     assert legal.rewrites == {op: 1}
-    assert op not in {n.op_type for n in legal.model.graph.node}
+    if op == "LayerNormalization":  # kept, with the optional outputs ORT's gradient reads
+        assert [len(n.output) for n in legal.model.graph.node] == [3]
+    else:
+        assert op not in {n.op_type for n in legal.model.graph.node}
     onnx.checker.check_model(legal.model, full_check=True)
     # values past every kink and the overflow of exp: -30..30 plus a dense middle
     x = np.concatenate([np.linspace(-30, 30, 60), np.linspace(-4, 4, 60)]).astype(np.float32)
@@ -390,6 +403,33 @@ def test_steps_and_early_stopping() -> None:
     summary = _summary(same)
     assert summary["stopped_early"] and summary["epochs"] == 1 and not same.modified
     assert any("kept the input model" in w for w in same.warnings)
+
+
+def test_layer_norm_and_dropout_train(engine: str) -> None:
+    """ORT training needs LayerNormalization's optional outputs: legalization adds them."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "W": rng.normal(size=(8, 6)).astype(np.float32),
+        "g": np.ones(6, np.float32),
+        "b": np.zeros(6, np.float32),
+        "ratio": np.array(0.3, np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="mm"),
+        helper.make_node("LayerNormalization", ["a", "g", "b"], ["y"], name="ln", axis=-1),
+        helper.make_node("Dropout", ["y", "ratio"], ["z"], name="drop"),
+    ]
+    teacher = _model(nodes, inits, [_vi("x", ["N", 8])], [_vi("z", ["N", 6])], opset=17)
+    inits["W"] = inits["W"] + rng.normal(size=(8, 6)).astype(np.float32)
+    student = _model(nodes, inits, [_vi("x", ["N", 8])], [_vi("z", ["N", 6])], opset=17)
+    result = _distill(student, teacher, _inputs(64), epochs=3, lr=0.02, patience=0, engine=engine)
+    report = result.report.passes[0]
+    assert report.modified and report.counters["legalized_LayerNormalization"] == 1
+    assert [n.op_type for n in result.model.graph.node] == [
+        "MatMul",
+        "LayerNormalization",
+        "Dropout",
+    ]
 
 
 def test_a_model_with_a_fixed_batch_trains_in_batches_of_it(engine: str) -> None:
