@@ -43,6 +43,12 @@ class OnnxAdEngine(GradientEngine):
     name = "onnx-ad"
     no_gradient = frozenset({"Loop", "Scan"})
 
+    def untrainable(self, node: onnx.NodeProto, position: int) -> str | None:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type in ("Conv", "ConvTranspose") and position == 1 and group > 1:
+            return "onnx-ad 0.3.0 has no gradient for the weights of grouped convolutions"
+        return None
+
     def compile(
         self,
         model: onnx.ModelProto,

@@ -396,6 +396,11 @@ class _Problem:
                 uses.setdefault(name, []).append((node, pos))
         frozen = [re.compile(p) for p in self.cfg.frozen]
         qat_params = {f.param for f in self.fq}
+        layer_reads: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:  # a fake-quant weight's layer reads the Add's output
+            if node.name.endswith("/fake_quant"):
+                layer_reads[node.input[0]] = uses.get(node.output[0], [])
+        engine_frozen: dict[str, list[str]] = {}
         out = []
         for init in graph.initializer:
             if init.data_type != onnx.TensorProto.FLOAT or "/legal_c" in init.name:
@@ -410,6 +415,21 @@ class _Problem:
             size = int(np.prod(init.dims)) if init.dims else 1
             if size == 1 and not any(node.op_type in _MASKED_LAYERS for node, _ in readers):
                 continue
+            why = next(
+                (r for node, pos in readers if (r := self.engine.untrainable(node, pos))), None
+            )
+            if why is None and init.name in qat_params:  # through its fake-quant Add
+                why = next(
+                    (
+                        r
+                        for node, pos in layer_reads.get(init.name, [])
+                        if (r := self.engine.untrainable(node, pos))
+                    ),
+                    None,
+                )
+            if why is not None:
+                engine_frozen.setdefault(why, []).append(init.name)
+                continue
             names = {init.name} | {node.name for node, _ in readers}
             if init.name.endswith(".distill_float"):
                 names.add(init.name[: -len(".distill_float")])
@@ -417,6 +437,9 @@ class _Problem:
                 self.report.count("frozen_tensors")
                 continue
             out.append(init.name)
+        for why, names in engine_frozen.items():
+            self.report.warn(f"{why}: {len(names)} weight(s) stay as they are ({names[0]}, ...)")
+            self.report.count("engine_frozen_tensors", len(names))
         stuck = blocked(self.train_student, out, self.engine.no_gradient)
         if stuck:
             where = sorted(stuck)

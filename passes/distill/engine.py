@@ -101,6 +101,10 @@ class GradientEngine(abc.ABC):
     #: Ops this engine cannot differentiate (the pass freezes weights before them or stops).
     no_gradient: ClassVar[frozenset[str]] = frozenset()
 
+    def untrainable(self, node: onnx.NodeProto, position: int) -> str | None:
+        """Why this engine cannot train the weight `node` reads at `position` (None: it can)."""
+        return None
+
     @abc.abstractmethod
     def compile(
         self,

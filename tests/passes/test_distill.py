@@ -432,6 +432,32 @@ def test_layer_norm_and_dropout_train(engine: str) -> None:
     ]
 
 
+@pytest.mark.skipif("onnx-ad" not in ENGINES, reason="needs the onnx-ad package")
+def test_onnx_ad_freezes_grouped_conv_weights_and_trains_the_rest() -> None:
+    rng = np.random.default_rng(0)
+    inits = {
+        "dw.w": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+        "pw.w": rng.normal(size=(4, 4, 1, 1)).astype(np.float32),
+        "pw.b": np.zeros(4, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "dw.w"], ["a"], name="dw", group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "pw.w", "pw.b"], ["b"], name="pw"),
+        helper.make_node("GlobalAveragePool", ["b"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["y"], name="flat"),
+    ]
+    teacher = _model(nodes, inits, [_vi("x", ["N", 4, 6, 6])], [_vi("y", ["N", 4])])
+    inits["pw.w"] = inits["pw.w"] + rng.normal(size=(4, 4, 1, 1)).astype(np.float32)
+    student = _model(nodes, inits, [_vi("x", ["N", 4, 6, 6])], [_vi("y", ["N", 4])])
+    x = _inputs(64, (4, 6, 6))
+    result = _distill(student, teacher, x, epochs=4, lr=0.02, patience=0, engine="onnx-ad")
+    report = result.report.passes[0]
+    assert report.counters["engine_frozen_tensors"] == 1
+    assert any("grouped convolutions: 1 weight(s)" in w and "dw.w" in w for w in report.warnings)
+    np.testing.assert_array_equal(_init(result.model, "dw.w"), inits["dw.w"])
+    assert report.modified and not np.array_equal(_init(result.model, "pw.w"), inits["pw.w"])
+
+
 def test_a_model_with_a_fixed_batch_trains_in_batches_of_it(engine: str) -> None:
     fixed = _mlp(seed=3, noise=0.5)
     for vi in [*fixed.graph.input, *fixed.graph.output]:
