@@ -109,7 +109,7 @@ class DistillConfig:
     patience: int = 3
     max_samples: int = 10000
     augment: Literal["auto", "on", "off"] = "auto"
-    teacher_cache_mb: int = 1024
+    teacher_cache_mb: int = 1024  # 0: never cache
     checkpoint_dir: str | None = None
     engine: Literal["auto", "onnxruntime-training", "onnx-ad"] = "auto"
     threads: int | None = None
@@ -125,7 +125,10 @@ class DistillConfig:
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("max_samples", self.max_samples)
-        positive("teacher_cache_mb", self.teacher_cache_mb)
+        if not isinstance(self.teacher_cache_mb, int) or self.teacher_cache_mb < 0:
+            raise ConfigError(
+                f"distill.teacher_cache_mb must be an integer >= 0, got {self.teacher_cache_mb!r}"
+            )
         if self.steps is not None:
             positive("steps", self.steps)
         if self.threads is not None:
@@ -494,7 +497,7 @@ class _Problem:
             key = next(iter(batch))
             batch[key] = augment_images(batch[key], rng)
             augmented = batch
-        teacher = self.teacher.values(idx, augmented)
+        teacher = self.teacher.run(augmented) if augmented else self.teacher.at(idx, self.inputs)
         feeds = dict(batch)
         for name, value in teacher.items():
             feeds[teacher_input(name)] = value
@@ -531,11 +534,7 @@ class _Problem:
         names = [t.output for t in self.terms] or [self.student.graph.output[0].name]
         feeds = {i.name: self.inputs[i.name][held] for i in session.get_inputs()}
         outs = dict(zip(names, run_batched(session, names, feeds, 256, self.fixed)))
-        want = (
-            self.teacher.values(held, None)
-            if self.teacher.cache is not None
-            else self.teacher.run({k: v[held] for k, v in self.inputs.items()})
-        )
+        want = self.teacher.at(held, self.inputs)
         scores = [fidelity(want[k], outs[k]) for k in names]
         return float(np.mean(scores))
 
@@ -543,10 +542,7 @@ class _Problem:
 
     def norms(self, train_idx: np.ndarray) -> dict[str, float]:
         idx = train_idx[:512]
-        values = self.teacher.values(
-            idx,
-            None if self.teacher.cache is not None else {k: v[idx] for k, v in self.inputs.items()},
-        )
+        values = self.teacher.at(idx, self.inputs)
         return {k: float(np.mean(np.square(v, dtype=np.float64))) for k, v in values.items()}
 
     def train(self, workdir: Path, *, progress: bool) -> TrainResult:
@@ -568,12 +564,7 @@ class _Problem:
             norms=self.norms(train_idx),
         )
         shapes = {}
-        sample = self.teacher.values(
-            held[:1],
-            None
-            if self.teacher.cache is not None
-            else {k: v[held[:1]] for k, v in self.inputs.items()},
-        )
+        sample = self.teacher.at(held[:1], self.inputs)
         for name, value in sample.items():
             shapes[name] = ["N", *value.shape[1:]]
         loss_model = build_loss_model(self.train_student, spec, shapes)

@@ -174,13 +174,11 @@ class Teacher:
             raise DataError(f"the teacher cannot run on the data: {first_line(exc)}") from exc
         return {k: np.asarray(v, dtype=np.float32) for k, v in zip(self.names, values)}
 
-    def values(
-        self, idx: np.ndarray, batch_inputs: Mapping[str, np.ndarray] | None
-    ) -> dict[str, np.ndarray]:
-        if batch_inputs is None and self.cache is not None:
+    def at(self, idx: np.ndarray, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The teacher's values for samples `idx` of `inputs` (cached, else computed)."""
+        if self.cache is not None:
             return {k: v[idx] for k, v in self.cache.items()}
-        assert batch_inputs is not None
-        return self.run(batch_inputs)
+        return self.run({k: v[idx] for k, v in inputs.items()})
 
 
 def fidelity(ref: np.ndarray, cand: np.ndarray) -> float:
