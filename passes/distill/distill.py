@@ -311,6 +311,7 @@ class _Problem:
         report.count("trainable_tensors", len(self.trainable))
         report.count("masked_weights", int(sum(int(m.sum()) for m in self.masks.values())))
         report.count("fake_quant_weights", len(self.fq))
+        report.count("augmented", int(self.augment))
 
     # -- what to match
 

@@ -458,6 +458,31 @@ def test_onnx_ad_freezes_grouped_conv_weights_and_trains_the_rest() -> None:
     assert report.modified and not np.array_equal(_init(result.model, "pw.w"), inits["pw.w"])
 
 
+def test_augmentation_crops_resizes_and_flips() -> None:
+    from onnxslim_edge.passes.distill.samples import augment_images
+
+    x = np.random.default_rng(0).random((16, 3, 32, 40), dtype=np.float32)
+    a = augment_images(x, np.random.default_rng(1))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= x.min() and a.max() <= x.max()  # bilinear: convex combinations
+    np.testing.assert_array_equal(a, augment_images(x, np.random.default_rng(1)))
+    assert not np.array_equal(a, x)
+    const = np.ones((2, 1, 32, 32), np.float32)
+    np.testing.assert_allclose(augment_images(const, np.random.default_rng(2)), const, atol=1e-6)
+
+
+@needs_engine
+def test_images_of_32_pixels_are_augmented_by_default() -> None:
+    teacher, student = _cnn(), _cnn(seed=1)
+    x = _inputs(48, (1, 32, 32))
+    for vi in [*teacher.graph.input, *student.graph.input]:
+        vi.type.tensor_type.shape.dim[2].dim_value = vi.type.tensor_type.shape.dim[3].dim_value = 32
+    result = _distill(student, teacher, x, epochs=2, lr=0.01, patience=0)
+    report = result.report.passes[0]
+    assert report.config["augment"] == "auto" and _summary(report)["steps"] == 4
+    assert report.counters.get("augmented") == 1
+
+
 def test_a_model_with_a_fixed_batch_trains_in_batches_of_it(engine: str) -> None:
     fixed = _mlp(seed=3, noise=0.5)
     for vi in [*fixed.graph.input, *fixed.graph.output]:
