@@ -6,7 +6,7 @@
 - `legalize.py`: exact rewrites of ops without gradients;
 - `losses.py`: KD / MSE / cosine / feature losses as ONNX nodes;
 - `qat.py`: integer weights as float parameters behind fixed Q/DQ grids;
-- `samples.py`: training samples, the teacher's values, augmentation, the held-out score;
+- `samples.py`: training samples, the teacher's values, augmentation;
 - `trainer.py`: the loop; `distill.py`: the pass.
 
 Nothing here imports onnxruntime.training (or torch) until a pass runs.

@@ -48,7 +48,6 @@ from onnxslim_edge.passes.distill.qat import offset_input, prepare_qat
 from onnxslim_edge.passes.distill.samples import (
     Teacher,
     augment_images,
-    fidelity,
     fixed_batch,
     load_samples,
     run_batched,
@@ -255,11 +254,11 @@ def _fold_batchnorm(graph: gs.Graph, ctx: Context, report: PassReport) -> None:
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:
-    from onnxslim_edge.model import lower_ir_version, min_ir_version
+    from onnxslim_edge.graph import export_graph
 
-    model = gs.export_onnx(graph.copy(), do_type_check=False)
-    model.ir_version = min_ir_version(model)
-    return lower_ir_version(model)
+    model = onnx.ModelProto()
+    model.CopyFrom(export_graph(graph))  # its initializers may be the graph's own protos
+    return model
 
 
 class _Problem:
@@ -283,6 +282,8 @@ class _Problem:
             report,
         )
         self.n = next(iter(inputs.values())).shape[0]
+        self.teacher_model = teacher
+        self._evaluator: Any = None
         self.terms = self._terms(teacher)
         teacher_names = [t.output for t in self.terms] + [f.teacher for f in self._features()]
         self.teacher = Teacher(
@@ -529,15 +530,32 @@ class _Problem:
         return values
 
     def score(self, params: Mapping[str, np.ndarray], held: np.ndarray) -> float:
-        from onnxslim_edge.runtime import make_session
+        """Held-out fidelity of the student with `params`, by `verify.Evaluator` against
+        the teacher: top-1 agreement for logits outputs, cosine otherwise, averaged."""
+        from onnxslim_edge.verify import Evaluator
 
-        session = make_session(self.apply(self.student, params), threads=self.cfg.threads)
         names = [t.output for t in self.terms] or [self.student.graph.output[0].name]
-        feeds = {i.name: self.inputs[i.name][held] for i in session.get_inputs()}
-        outs = dict(zip(names, run_batched(session, names, feeds, 256, self.fixed)))
-        want = self.teacher.at(held, self.inputs)
-        scores = [fidelity(want[k], outs[k]) for k in names]
-        return float(np.mean(scores))
+        if self._evaluator is None:
+            k = self.fixed or 64
+            idx = np.resize(held, -(-len(held) // k) * k) if self.fixed else held
+            feeds = [
+                {i.name: self.inputs[i.name][idx[s : s + k]] for i in self._feedable()}
+                for s in range(0, len(idx), k)
+            ]
+            self._evaluator = Evaluator(
+                self.teacher_model, feeds, batch_size=k, output_names=names, seed=self.seed
+            )
+        result = self._evaluator.score(self.apply(self.student, params))
+        scores = []
+        for name in names:
+            m = result.outputs[name]
+            value = m.top1_agreement if m.top1_agreement is not None else m.cosine
+            scores.append(value if value is not None and m.nonfinite_mismatches == 0 else 0.0)
+        return float(np.mean(scores)) if not result.messages else 0.0
+
+    def _feedable(self) -> list[onnx.ValueInfoProto]:
+        inits = {t.name for t in self.student.graph.initializer}
+        return [i for i in self.student.graph.input if i.name not in inits]
 
     # -- the run
 

@@ -60,12 +60,12 @@ class OrtTrainingEngine(GradientEngine):
         workdir: Path,
         threads: int | None = None,
     ) -> OrtTrainingProgram:
-        from onnxslim_edge.model import lower_ir_version
+        from onnxslim_edge.graph import clamp_ir
 
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         source = workdir / "loss_model.onnx"
-        onnx.save(lower_ir_version(_copy(model)), source)
+        onnx.save(clamp_ir(_copy(model)), source)
         spec = {
             "model": str(source),
             "out": str(workdir),
@@ -83,7 +83,7 @@ class OrtTrainingEngine(GradientEngine):
             path = workdir / name
             artifact = onnx.load(path)
             if artifact.ir_version > 10:
-                onnx.save(lower_ir_version(artifact), path)
+                onnx.save(clamp_ir(artifact), path)
         return OrtTrainingProgram(workdir, tuple(trainable), threads=threads)
 
 
@@ -103,6 +103,9 @@ def _generate_in_child(spec_path: Path, model: onnx.ModelProto) -> None:
         text=True,
         env=env,
         check=False,
+        # `-m` puts the working folder first on sys.path; in a source checkout its
+        # `onnxslim_edge/` (without `passes/`) would shadow the installed package
+        cwd=spec_path.parent,
     )
     if proc.returncode == 0:
         return

@@ -1,12 +1,11 @@
-"""Training samples, the teacher's values for them, augmentation and the held-out score.
+"""Training samples, the teacher's values for them, and image augmentation.
 
 `load_samples` reads every training sample into memory (`{input: (N, ...)}`, from the
 pass's `data` or the Context's data; with `labels`, an `.npz` holding the inputs and an
 integer label array). `Teacher` runs the teacher model in an ONNX Runtime session and
 caches its outputs (and any feature tensors) for all samples when they fit.
-`augment_images` is the random resized crop + horizontal flip for NCHW images;
-`fidelity` is the held-out score: top-1 agreement for (N, classes) logits, cosine
-otherwise.
+`augment_images` is the random resized crop + horizontal flip for NCHW images. (The
+held-out score is `verify.Evaluator`'s, in distill.py.)
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import onnx
 
 from onnxslim_edge.errors import ConfigError, DataError, UnsupportedError, first_line
 
-__all__ = ["Teacher", "augment_images", "fidelity", "fixed_batch", "load_samples", "run_batched"]
+__all__ = ["Teacher", "augment_images", "fixed_batch", "load_samples", "run_batched"]
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
@@ -179,15 +178,6 @@ class Teacher:
         if self.cache is not None:
             return {k: v[idx] for k, v in self.cache.items()}
         return self.run({k: v[idx] for k, v in inputs.items()})
-
-
-def fidelity(ref: np.ndarray, cand: np.ndarray) -> float:
-    """Top-1 agreement for (N, classes) logits, cosine over all elements otherwise."""
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        return float(np.mean(np.argmax(ref, 1) == np.argmax(cand, 1)))
-    r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
-    denom = np.sqrt((r @ r) * (c @ c))
-    return float(r @ c / denom) if denom > 0 else float(np.array_equal(r, c))
 
 
 def augment_images(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -510,7 +510,7 @@ def _cnn_data(n: int = 96) -> np.ndarray:
     ],
 )
 def test_masks_stay_exactly_zero(compress: str, engine: str) -> None:
-    from onnxslim_edge.passes.prune.nm import check_nm
+    from onnxslim_edge.analysis.sparsity_nm import check_nm
 
     teacher = _cnn()
     x = _cnn_data()
@@ -589,7 +589,7 @@ def test_resume_continues_the_same_trajectory(
 def test_qdq_model_fine_tuned_stays_lint_clean(engine: str) -> None:
     """Quantization-aware mode: int8 weights re-quantized on their own scales, every Q/DQ
     node kept, TensorRT lint clean, held-out fidelity not below the PTQ model's."""
-    from onnxslim_edge.passes.quantize.lint import lint_qdq
+    from onnxslim_edge.analysis.qdq_lint import lint_qdq
 
     teacher, x = _cnn(), _cnn_data(128)
     student = onnx.ModelProto()
@@ -769,14 +769,14 @@ def test_if_on_the_gradient_path_is_named_not_a_crash() -> None:
 
 
 @needs_ort
-def test_the_artifact_child_imports_no_torch() -> None:
+def test_the_artifact_child_imports_no_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from onnxslim_edge.passes.distill.ort_engine import import_training_without_torch\n"
         "artifacts, onnxblock = import_training_without_torch()\n"
         "assert callable(artifacts.generate_artifacts) and 'torch' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
 
 
 @needs_engine
