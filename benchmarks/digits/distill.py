@@ -29,6 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.harness import prefer_installed_package
+
+prefer_installed_package()  # before anything imports onnxslim_edge (see its docstring)
+
 __all__ = ["DISTILL", "QAT", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]
