@@ -110,13 +110,10 @@ class OnnxAdProgram(TrainingProgram):
         self._pairs = _activation_qdq_pairs(self._model)
         self._offset_session = None
         if self._pairs:
-            probe = onnx.ModelProto()
-            probe.CopyFrom(self._model)
-            for x, y in self._pairs:
-                probe.graph.output.extend(
-                    [helper.make_empty_tensor_value_info(x), helper.make_empty_tensor_value_info(y)]
-                )
-            self._offset_session = make_session(probe, threads=threads)
+            from onnxslim_edge.graph import exposing_session
+
+            exposed = [n for pair in self._pairs for n in pair]
+            self._offset_session = exposing_session(self._model, exposed, threads=threads)
         self._grad_sessions: dict[tuple[int, ...], tuple[Any, str]] = {}
         self.m = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.v = {k: np.zeros_like(v) for k, v in self.params.items()}

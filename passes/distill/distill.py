@@ -348,19 +348,15 @@ class _Problem:
 
     def _check_outputs(self) -> None:
         """Run both models on two samples: the matched outputs and feature pairs agree."""
-        from onnxslim_edge.runtime import make_session
+        from onnxslim_edge.graph import exposing_session
 
         features = self._features()
         produced = {o for n in self.student.graph.node for o in n.output}
         for pair in features:
             if pair.student not in produced:
                 raise ConfigError(f"distill.features: '{pair.student}' is no tensor of the student")
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.student)
-        probe.graph.output.extend(
-            onnx.helper.make_empty_tensor_value_info(p.student) for p in features
-        )
-        session = make_session(probe, threads=self.cfg.threads)
+        exposed = [p.student for p in features]
+        session = exposing_session(self.student, exposed, threads=self.cfg.threads)
         names = [t.output for t in self.terms] + [p.student for p in features]
         feed = {i.name: self.inputs[i.name][:2] for i in session.get_inputs()}
         got = dict(zip(names, run_batched(session, names, feed, 2, fixed_batch(self.student))))

@@ -135,19 +135,14 @@ class Teacher:
         cache_mb: int,
         threads: int | None,
     ) -> None:
-        from onnxslim_edge.runtime import make_session
+        from onnxslim_edge.graph import exposing_session
 
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        outputs = {o.name for o in m.graph.output}
-        produced = {o for n in m.graph.node for o in n.output} | outputs
+        outputs = {o.name for o in model.graph.output}
+        produced = {o for n in model.graph.node for o in n.output} | outputs
         unknown = [n for n in names if n not in produced]
         if unknown:
             raise ConfigError(f"distill.features: '{unknown[0]}' is no tensor of the teacher")
-        for name in names:
-            if name not in outputs:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        self.session = make_session(m, threads=threads)
+        self.session = exposing_session(model, names, threads=threads)
         self.fixed = fixed_batch(model)
         self.names = list(names)
         feedable = {i.name for i in self.session.get_inputs()}
