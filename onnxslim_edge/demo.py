@@ -24,6 +24,7 @@ import onnx
 from onnxslim_edge.errors import ConfigError, DataError, InvalidModelError, first_line
 
 __all__ = [
+    "DEMO_RECIPE",
     "DIGITS_MODEL",
     "DIGITS_TEST",
     "EDGE_RECIPE",
@@ -41,8 +42,10 @@ DIGITS_MODEL = Path(str(_ASSETS / "digits_cnn.onnx"))
 #: The test split: arrays `image` (N, 1, 8, 8) float32 in [0, 1] and `label` (N,) int64.
 DIGITS_TEST = Path(str(_ASSETS / "digits_test.npz"))
 
-#: The default edge recipe the demo runs.
+#: The default edge recipe (clean-up + int8).
 EDGE_RECIPE = Path(str(files("onnxslim_edge") / "recipes" / "edge.toml"))
+#: The recipe the demo runs: the edge recipe with channel pruning recovered by `distill`.
+DEMO_RECIPE = Path(str(files("onnxslim_edge") / "recipes" / "demo.toml"))
 
 _NUM_CLASSES = 10
 
@@ -175,7 +178,7 @@ def run_demo(
     input_name = original.graph.input[0].name
     calibration = [{input_name: images[i : i + 64]} for i in range(0, len(images), 64)]
     ctx = Context(data=calibration, progress=progress, target=target)
-    pipeline = Pipeline.from_recipe(EDGE_RECIPE, max_samples=len(images), target=target)
+    pipeline = Pipeline.from_recipe(DEMO_RECIPE, max_samples=len(images), target=target)
     result = pipeline.run(original, ctx)
 
     report = result.report.to_dict()
@@ -210,7 +213,7 @@ def run_demo(
     )
     report["demo"] = {
         "model": str(DIGITS_MODEL),
-        "recipe": str(EDGE_RECIPE),
+        "recipe": str(DEMO_RECIPE),
         "target": target,
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
@@ -233,8 +236,9 @@ def run_demo(
         from onnxslim_edge.pipeline import _format_rows
 
         print(
-            f"onnxslim-edge demo: {DIGITS_MODEL.name} with the edge recipe ({EDGE_RECIPE.name}), "
-            f"target {target}, calibrated on the test images, latency on this CPU"
+            f"onnxslim-edge demo: {DIGITS_MODEL.name} with the demo recipe ({DEMO_RECIPE.name}), "
+            f"target {target}, distilled and calibrated on the test images (unlabeled), "
+            "latency on this CPU"
         )
         print(_format_rows([("", "before", "after", "change"), *table]))
         print()
