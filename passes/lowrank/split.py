@@ -186,18 +186,32 @@ class LowRank(Pass):
             wanted = cfg.rank_map()
             for name in sorted(set(wanted) & done):
                 report.skip(name, "already split by lowrank")
+            known = {layer.name for layer in layers} | done | {layer_name(n) for n, _ in skips}
+            other = sorted(set(wanted) - known)
+            if other:
+                raise ConfigError(
+                    f"lowrank.ranks: {other[0]!r} is not a Gemm, MatMul or Conv layer"
+                )
             layers = [layer for layer in layers if layer.name in wanted]
 
-        decs: list[dict[str, F.Decomposition]] = []
         grams = self._grams(before, layers, ctx) if cfg.data_aware else {}
+        fitting: list[Layer] = []
+        decs: list[dict[str, F.Decomposition]] = []
         for layer in layers:
-            decs.append(_decompositions(layer, cfg.form, grams.get(layer.name)))
+            d = _decompositions(layer, cfg.form, grams.get(layer.name))
+            if d:
+                fitting.append(layer)
+                decs.append(d)
+            else:
+                report.skip(
+                    layer.node, f"form {cfg.form} does not fit ({_why_not(layer, cfg.form)})"
+                )
+        layers = fitting
 
         choice = self._select(
             graph, layers, decs, round_to, model_cost(before, input_shapes), groups, report
         )
         taken = set(graph.tensors())
-        total_before = sum(layer.dense()[0] for layer in layers)
         for i, layer in enumerate(layers):
             c = choice.get(i)
             if c is None:
@@ -225,7 +239,6 @@ class LowRank(Pass):
                 entry["output_error"] = round(c.error, 6)
             report.detail(**entry)
             report.count("layers_split")
-        del total_before
         if not report.counters.get("layers_split"):
             return report
         graph.cleanup().toposort()
@@ -481,6 +494,17 @@ def _decompositions(
         else:
             out[f] = F.Tucker2(layer.weight)
     return out
+
+
+def _why_not(layer: Layer, form: str) -> str:
+    kernel = "x".join(map(str, layer.weight.shape[2:]))
+    if math.prod(layer.weight.shape[2:]) == 1:
+        return f"a {kernel} kernel has only the channel form"
+    if form == "spatial" and len(layer.weight.shape) != 4:
+        return "spatial SVD needs a 2-D kernel"
+    if form == "spatial" and not layer.spatial_ok:
+        return "auto_pad SAME cannot be split by axis"
+    return f"kernel {kernel}"
 
 
 def _matrix_input(layer: Layer) -> Any:

@@ -546,6 +546,25 @@ def test_data_aware_needs_data():
         _lowrank(model, energy=0.9, data_aware=True)
 
 
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (
+            lambda: conv_model(k=1, pads=(0, 0, 0, 0))[0],
+            "form spatial does not fit (a 1x1 kernel has only the channel form)",
+        ),
+        (
+            lambda: conv_model(auto_pad="SAME_UPPER")[0],
+            "form spatial does not fit (auto_pad SAME cannot be split by axis)",
+        ),
+    ],
+)
+def test_a_form_that_does_not_fit_is_a_skip(build, reason):
+    _, report = _lowrank(build(), energy=0.5, form="spatial")
+    assert not report.modified
+    assert [(s.node, s.reason) for s in report.skips] == [("conv", reason)]
+
+
 # --------------------------------------------------------------------------- data-aware
 
 
@@ -573,6 +592,29 @@ def test_data_aware_minimises_the_output_error_on_the_data():
         aware.model, "fc.lowrank0.weight"
     )
     np.testing.assert_allclose(np.sqrt(np.mean(h**2, axis=0)), 1.0, rtol=1e-3)
+
+
+def test_data_aware_1x1_conv():
+    model, _ = conv_model(cin=32, cout=32, k=1, pads=(0, 0, 0, 0), strides=(2, 2), hw=(8, 8))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    rng = _rng(8)
+    mix = rng.standard_normal((6, 32))  # 6 input channels' worth of information
+
+    def sample():
+        z = rng.standard_normal((2, 8, 8, 6)) @ mix
+        return {"x": np.ascontiguousarray(z.transpose(0, 3, 1, 2)).astype(np.float32)}
+
+    data = [sample() for _ in range(4)]
+    plain, _ = _lowrank(model, Context(data=data), ranks=("conv=4",))
+    aware, report = _lowrank(model, Context(data=data), ranks=("conv=4",), data_aware=True)
+    assert report.details[0]["form"] == "channel" and "output_error" in report.details[0]
+    held_out = sample()
+    want = _run(model, held_out)[0]
+
+    def err(m):
+        return np.linalg.norm(_run(m, held_out)[0] - want)
+
+    assert err(aware.model) < 0.5 * err(plain.model)
 
 
 # --------------------------------------------------------------------------- idempotence
