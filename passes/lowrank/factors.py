@@ -251,11 +251,14 @@ class DataAwareSVD(Decomposition):
     def __init__(self, w: np.ndarray, gram: np.ndarray, rows: int) -> None:
         self.dtype = w.dtype
         self.w = np.asarray(w, np.float64)
-        z = self.w.T @ np.asarray(gram, np.float64) @ self.w
-        values, vectors = np.linalg.eigh((z + z.T) / 2)
-        order = np.argsort(values)[::-1]
-        self.sigma2 = np.clip(values[order], 0.0, None)
-        self.q = vectors[:, order]
+        # Q and sigma from the SVD of C^(1/2) W (K x N), C = X^T X: the eigenvectors of
+        # W^T C W without forming that N x N matrix (N is 6625 for a CTC head)
+        gram = np.asarray(gram, np.float64)
+        values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+        root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+        _, sigma, qt = np.linalg.svd(root @ self.w, full_matrices=False)
+        self.sigma2 = sigma**2
+        self.q = qt.T
         self.rows = max(int(rows), 1)
         self.full_rank = min(self.w.shape)
         self.total = float(np.sum(self.sigma2))
