@@ -37,6 +37,7 @@ from onnxslim_edge.passes.lowrank.select import (
     by_energy,
     by_ratio,
     candidates,
+    form_ranks,
     max_saving,
 )
 from onnxslim_edge.pipeline import Context, Pass, PassReport
@@ -208,48 +209,20 @@ class LowRank(Pass):
                 )
         layers = fitting
 
-        choice = self._select(
-            graph, layers, decs, round_to, model_cost(before, input_shapes), groups, report
-        )
-        taken = set(graph.tensors())
-        for i, layer in enumerate(layers):
-            c = choice.get(i)
-            if c is None:
-                continue
-            factors = layout_for(layer, decs[i][c.form].factors(c.rank))
-            if layer.op == "Conv" and c.form == "svd":
-                c = Candidate("channel", c.rank, c.macs, c.params, c.error, c.energy)
-            apply_split(graph, layer, factors, taken)
-            graph.nodes.remove(layer.node)
-            macs, params = layer.dense()
-            entry: dict[str, Any] = dict(
-                layer=layer.name,
-                op=layer.op,
-                weight=list(layer.weight.shape),
-                form=c.form,
-                rank=list(c.rank) if len(c.rank) > 1 else c.rank[0],
-                energy=round(c.energy, 6),
-                weight_error=round(factors.weight_error, 6),
-                macs_before=macs,
-                macs_after=c.macs,
-                params_before=params,
-                params_after=c.params,
-            )
-            if layer.name in grams:
-                entry["output_error"] = round(c.error, 6)
-            report.detail(**entry)
-            report.count("layers_split")
-        if not report.counters.get("layers_split"):
+        cost = model_cost(before, input_shapes)
+        choice = self._select(layers, decs, round_to, cost, groups, report)
+        for i, c in sorted(choice.items()):
+            _split(graph, layers[i], decs[i], c, layers[i].name in grams, report)
+        if not choice:
             return report
         graph.cleanup().toposort()
-        self._measure(before, graph, ctx, report, input_shapes)
+        self._measure(before, cost, graph, ctx, report, input_shapes)
         return report
 
     # ------------------------------------------------------------------ selection
 
     def _select(
         self,
-        graph: gs.Graph,
         layers: Sequence[Layer],
         decs: Sequence[dict[str, F.Decomposition]],
         round_to: int,
@@ -408,15 +381,15 @@ class LowRank(Pass):
     # ------------------------------------------------------------------ fidelity
 
     def _measure(
-        self, before: Any, graph: gs.Graph, ctx: Context, report: PassReport, shapes: Any
+        self, before: Any, c0: Any, graph: gs.Graph, ctx: Context, report: PassReport, shapes: Any
     ) -> None:
-        """Outputs of the split model against the input model's; raises when the split
-        model does not run."""
+        """MACs and outputs of the split model against the input model's (cost `c0`);
+        raises when the split model does not run."""
         from onnxslim_edge.analysis.cost import model_cost
         from onnxslim_edge.verify import compare
 
         after = _export(graph)
-        c0, c1 = model_cost(before, shapes), model_cost(after, shapes)
+        c1 = model_cost(after, shapes)
         summary: dict[str, Any] = dict(
             model=True,
             macs_before=c0.macs,
@@ -460,6 +433,38 @@ class LowRank(Pass):
                 if bad:
                     raise RuntimeError(f"lowrank: the split model gives NaN/inf in {bad[0]}")
         report.detail(**summary)
+
+
+def _split(
+    graph: gs.Graph,
+    layer: Layer,
+    decs: Mapping[str, F.Decomposition],
+    c: Candidate,
+    data_aware: bool,
+    report: PassReport,
+) -> None:
+    """Write `layer` split as candidate `c` into the graph and report it."""
+    factors = layout_for(layer, decs[c.form].factors(c.rank))
+    apply_split(graph, layer, factors, set(graph.tensors()))
+    graph.nodes.remove(layer.node)
+    macs, params = layer.dense()
+    entry: dict[str, Any] = dict(
+        layer=layer.name,
+        op=layer.op,
+        weight=list(layer.weight.shape),
+        form=factors.form,
+        rank=list(c.rank) if len(c.rank) > 1 else c.rank[0],
+        energy=round(c.energy, 6),
+        weight_error=round(factors.weight_error, 6),
+        macs_before=macs,
+        macs_after=c.macs,
+        params_before=params,
+        params_after=c.params,
+    )
+    if data_aware:
+        entry["output_error"] = round(c.error, 6)
+    report.detail(**entry)
+    report.count("layers_split")
 
 
 def _export(graph: gs.Graph) -> Any:
@@ -539,8 +544,6 @@ def _no_saving(
     dense = layer.dense()[0]
     best = -math.inf
     for form, dec in decs.items():
-        from onnxslim_edge.passes.lowrank.select import form_ranks
-
         for rank in form_ranks(layer, form, dec, round_to):
             best = max(best, 1.0 - layer.cost(form, rank)[0] / max(dense, 1))
             break  # the smallest rank saves the most
