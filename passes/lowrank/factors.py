@@ -56,6 +56,15 @@ class Factors:
     weight_error: float  # ||W - W'||_F / ||W||_F
 
 
+def _cast(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`w` in the weight's dtype with subnormal values flushed to zero: factors of
+    rank-deficient weights carry values below the dtype's smallest normal, and x86 CPUs
+    multiply subnormals many times slower (a split PP-OCR model ran 1.4x slower)."""
+    out = np.ascontiguousarray(w).astype(dtype)
+    out[np.abs(out) < np.finfo(out.dtype).tiny] = 0
+    return out
+
+
 def _svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
 
@@ -126,7 +135,7 @@ class _SVDForm(Decomposition):
         (r,) = rank
         if not 1 <= r <= self.full_rank:
             raise ValueError(f"rank {r} outside 1..{self.full_rank}")
-        weights = tuple(w.astype(self.dtype) for w in self._layout(*self._parts(r)))
+        weights = tuple(_cast(w, self.dtype) for w in self._layout(*self._parts(r)))
         return Factors(self.form, rank, weights, self.energy(rank), self.error(rank))
 
     def _layout(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -226,7 +235,7 @@ class Tucker2(Decomposition):
         first = self.u_in[:, :r_in].T.reshape(r_in, self.shape[1], *ones)
         core = self.core[:r_out, :r_in]
         last = self.u_out[:, :r_out].reshape(self.shape[0], r_out, *ones)
-        weights = tuple(np.ascontiguousarray(w).astype(self.dtype) for w in (first, core, last))
+        weights = tuple(_cast(w, self.dtype) for w in (first, core, last))
         return Factors(self.form, rank, weights, self.energy(rank), self.error(rank))
 
     def reconstruct(self, rank: tuple[int, ...]) -> np.ndarray:
@@ -279,5 +288,5 @@ class DataAwareSVD(Decomposition):
         b = scale[:, None] * q.T
         err = float(np.linalg.norm(self.w - a @ b))
         rel = err / math.sqrt(self.w_norm2) if self.w_norm2 > 0 else 0.0
-        weights = (a.astype(self.dtype), b.astype(self.dtype))
+        weights = (_cast(a, self.dtype), _cast(b, self.dtype))
         return Factors(self.form, rank, weights, self.energy(rank), rel)
