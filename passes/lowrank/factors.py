@@ -59,7 +59,7 @@ class Factors:
 def _cast(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """`w` in the weight's dtype with subnormal values flushed to zero: factors of
     rank-deficient weights carry values below the dtype's smallest normal, and x86 CPUs
-    multiply subnormals many times slower (a split PP-OCR model ran 1.4x slower)."""
+    multiply subnormals many times slower (a split PP-OCRv4 rec ran up to 1.9x slower)."""
     out = np.ascontiguousarray(w).astype(dtype)
     out[np.abs(out) < np.finfo(out.dtype).tiny] = 0
     return out
