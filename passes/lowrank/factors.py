@@ -90,8 +90,8 @@ def max_rank(form: str, shape: tuple[int, ...]) -> int:
         return min(cout, cin * math.prod(k))
     if form == "spatial":
         return min(cin * k[0], cout * k[1])
-    if form == "tucker2":
-        return cout
+    if form == "tucker2":  # r_out; r_in is at most min(Cin, Cout * prod(k))
+        return min(cout, cin * math.prod(k))
     raise ValueError(form)
 
 
