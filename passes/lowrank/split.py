@@ -239,7 +239,7 @@ class LowRank(Pass):
             for i, (layer, opts) in enumerate(zip(layers, options)):
                 if cfg.energy is not None:
                     c = by_energy(opts, cfg.energy)
-                    why = f"no rank keeps energy {cfg.energy:g}"
+                    why = f"no rank keeping energy {cfg.energy:g} saves min_saving {cfg.min_saving:.0%}"
                 else:
                     c = by_ratio(opts, layer.dense()[0], cfg.ratio)
                     why = f"no rank removes {cfg.ratio:.0%} of its MACs"

@@ -656,6 +656,28 @@ def test_a_second_run_with_the_same_options_changes_nothing(options):
         assert budget["achieved"] >= 0.3 and budget["note"].startswith("met by")
 
 
+def test_a_larger_budget_the_second_time_splits_only_what_is_missing():
+    model = net_model()
+    first, _ = _lowrank(model, round_to=4, macs_reduction=0.2)
+    split_first = {n.name: n for n in first.model.graph.node if ".lowrank" in n.name}
+    again, report = _lowrank(first.model, round_to=4, macs_reduction=0.4)
+    assert report.modified
+    assert 1 - model_cost(again.model).macs / model_cost(model).macs >= 0.4
+    budget = next(d for d in report.details if "target" in d)
+    assert budget["split_earlier"] >= 1 and budget["achieved"] >= 0.4
+    kept = {n.name: n for n in again.model.graph.node if n.name in split_first}
+    assert kept.keys() == split_first.keys()  # factor layers of the first run untouched
+    for name, node in kept.items():
+        assert list(node.input) == list(split_first[name].input)
+
+
+def test_excluded_layers_are_left_alone():
+    _, report = _lowrank(net_model(), round_to=4, ratio=0.3, exclude_nodes=("fc1", "conv2"))
+    assert {d["layer"] for d in report.details if "layer" in d} <= {"conv1", "fc2"}
+    excluded = {s.node for s in report.skips if s.reason == "excluded by exclude_nodes"}
+    assert excluded == {"fc1", "conv2"}
+
+
 def test_resplit_splits_factor_layers_again():
     first, _ = _lowrank(net_model(), round_to=4, energy=0.99)
     again, report = _lowrank(first.model, round_to=4, energy=0.5, resplit=True)
