@@ -110,7 +110,7 @@ class Layer:
     def cost(self, form: str, rank: Sequence[int]) -> tuple[int, int]:
         """(MACs, weight elements) of the layer split in `form` at `rank`."""
         w = self.weight
-        if form == "svd" and self.op == "Conv":  # a 1x1 conv as a matrix
+        if form == "svd" and self.op == "Conv":  # data-aware channel SVD, as a matrix
             form = "channel"
         if form == "svd":
             (r,) = rank

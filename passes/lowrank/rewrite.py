@@ -112,11 +112,12 @@ def layout_for(layer: Layer, factors: Factors) -> Factors:
     if layer.op == "Gemm" and layer.node.attrs.get("transB", 0):
         weights = tuple(np.ascontiguousarray(w.T) for w in factors.weights)
         return Factors(factors.form, factors.rank, weights, factors.energy, factors.weight_error)
-    if layer.op == "Conv" and factors.form == "svd":  # a 1x1 conv as a matrix (Cin x Cout)
+    if layer.op == "Conv" and factors.form == "svd":  # conv as a matrix (Cin * prod(k), Cout)
         cout, cin, *k = layer.weight.shape
         a, b = factors.weights
         r = a.shape[1]
         ones = [1] * len(k)
-        weights = (np.ascontiguousarray(a.T).reshape(r, cin, *ones), b.T.reshape(cout, r, *ones))
+        first = np.ascontiguousarray(a.T).reshape(r, cin, *k)
+        weights = (first, np.ascontiguousarray(b.T).reshape(cout, r, *ones))
         return Factors("channel", factors.rank, weights, factors.energy, factors.weight_error)
     return factors

@@ -68,7 +68,9 @@ class LowRankConfig:
       its MACs (negative values allow splits that cost MACs, e.g. to check full rank).
     - `exclude_nodes`: node names left alone.
     - `data_aware`: minimise ||W X - A B X|| on `Context.data` (up to `max_samples`
-      samples) for Gemm/MatMul and 1x1 convs instead of ||W - A B||.
+      samples) instead of ||W - A B||: Gemm/MatMul, and Conv in the channel form (X:
+      im2col patches; not with auto_pad SAME), so convs get the channel form; with
+      `form` spatial/tucker2 convs keep the weight error.
     - `resplit`: also split factor layers an earlier run wrote (`<name>.lowrank<i>`);
       by default they are left alone and budgets count what they already saved.
     - `verify_samples`: samples of the fidelity check before returning.
@@ -351,11 +353,16 @@ class LowRank(Pass):
         self, model: Any, layers: Sequence[Layer], ctx: Context
     ) -> dict[str, tuple[np.ndarray, int]]:
         """Gram matrices X^T X (and row counts) of the inputs of the layers that have a
-        matrix form (Gemm, MatMul, unpadded 1x1 Conv) over the calibration data."""
+        matrix form (Gemm, MatMul; Conv as im2col patches) over the calibration data."""
         cfg: LowRankConfig = self.config
         if ctx.data is None:
             raise ConfigError("lowrank.data_aware: needs calibration data (Context.data / --calib)")
-        wanted = [layer for layer in layers if _matrix_input(layer) is not None]
+        channel = cfg.form in ("auto", "channel")
+        wanted = [
+            layer
+            for layer in layers
+            if (layer.op != "Conv" or channel) and _matrix_input(layer) is not None
+        ]
         if not wanted:
             return {}
         from onnxslim_edge.data import open_data
@@ -487,12 +494,13 @@ def _decompositions(
         return {"svd": F.DataAwareSVD(w, *gram) if gram is not None else F.MatrixSVD(w)}
     fits = layer.forms()
     forms = fits if form == "auto" else [f for f in fits if f == form]
+    if gram is not None and "channel" in forms:
+        # data-aware: the channel form only, so every layer's error is an output error
+        cout = layer.weight.shape[0]  # the conv as the matrix (Cin * prod(k), Cout)
+        return {"svd": F.DataAwareSVD(layer.weight.reshape(cout, -1).T, *gram)}
     out: dict[str, F.Decomposition] = {}
     for f in forms:
-        if f == "channel" and gram is not None:
-            cout, cin = layer.weight.shape[:2]
-            out["svd"] = F.DataAwareSVD(layer.weight.reshape(cout, cin).T, *gram)
-        elif f == "channel":
+        if f == "channel":
             out[f] = F.ChannelSVD(layer.weight)
         elif f == "spatial":
             out[f] = F.SpatialSVD(layer.weight)
@@ -525,14 +533,24 @@ def _matrix_input(layer: Layer) -> Any:
     if layer.op == "MatMul":
         k = layer.weight.shape[0]
         return lambda x: x.reshape(-1, k)
-    if math.prod(layer.weight.shape[2:]) != 1 or any(node.attrs.get("pads", [0])):
+    if not layer.spatial_ok:  # auto_pad SAME: the padding depends on shapes
         return None
-    strides = list(node.attrs.get("strides", [1] * (layer.weight.ndim - 2)))
-    cin = layer.weight.shape[1]
+    cin, *kernel = layer.weight.shape[1:]
+    nd = len(kernel)
+    strides = list(node.attrs.get("strides", [1] * nd))
+    dilations = list(node.attrs.get("dilations", [1] * nd))
+    pads = list(node.attrs.get("pads", [0] * (2 * nd)))
 
     def rows(x: np.ndarray) -> np.ndarray:
-        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-        return np.moveaxis(x, 1, -1).reshape(-1, cin)
+        """im2col: one row (Cin * prod(k), channel-major like W's reshape) per output."""
+        x = np.pad(x, [(0, 0), (0, 0), *zip(pads[:nd], pads[nd:])])
+        span = [d * (k - 1) + 1 for d, k in zip(dilations, kernel)]
+        win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
+        win = win[(Ellipsis, *(slice(None, None, d) for d in dilations))]
+        win = win[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+        # (N, Cin, *out, *k) -> (N, *out, Cin, *k)
+        win = np.moveaxis(win, 1, 1 + nd)
+        return win.reshape(-1, cin * math.prod(kernel))
 
     return rows
 

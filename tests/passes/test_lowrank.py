@@ -640,6 +640,38 @@ def test_data_aware_1x1_conv():
     assert err(aware.model) < 0.5 * err(plain.model)
 
 
+@pytest.mark.parametrize(
+    "attrs", [{}, {"strides": (2, 1), "pads": (2, 1, 0, 2), "dilations": (1, 2)}]
+)
+def test_data_aware_kxk_conv(attrs):
+    """im2col patches: the reported output error is the split's relative output error on
+    the calibration data (bias aside), and no rank-r split does better there."""
+    model, _ = conv_model(cin=8, cout=16, hw=(10, 9), **attrs)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    rng = _rng(10)
+    mix = rng.standard_normal((4, 8))
+
+    def sample():
+        z = rng.standard_normal((2, 10, 9, 4)) @ mix
+        return {"x": np.ascontiguousarray(z.transpose(0, 3, 1, 2)).astype(np.float32)}
+
+    data = [sample() for _ in range(4)]
+    x = {"x": np.concatenate([d["x"] for d in data])}
+    bias = _init(model, "b")[None, :, None, None].astype(np.float64)
+    want = _run(model, x)[0].astype(np.float64)
+    plain, _ = _lowrank(model, Context(data=data), ranks=("conv=8",))
+    aware, report = _lowrank(model, Context(data=data), ranks=("conv=8",), data_aware=True)
+    d = report.details[0]
+    assert d["form"] == "channel"
+
+    def err(m):
+        return np.linalg.norm(_run(m, x)[0] - want) / np.linalg.norm(want - bias)
+
+    assert d["output_error"] == pytest.approx(err(aware.model), rel=1e-3)
+    assert err(aware.model) < err(plain.model)
+    assert d["weight_error"] >= _lowrank(model, ranks=("conv=8",))[1].details[0]["weight_error"]
+
+
 # --------------------------------------------------------------------------- idempotence
 
 
