@@ -47,6 +47,8 @@ __all__ = ["LowRank", "LowRankConfig"]
 log = logging.getLogger(__name__)
 
 _FORMS = ("auto", "channel", "spatial", "tucker2")
+#: im2col rows taken from one calibration batch at most (memory stays bounded on large maps)
+_MAX_PATCHES = 8192
 _SELECTORS = ("energy", "ratio", "macs_reduction", "params_reduction", "ranks")
 
 
@@ -548,8 +550,12 @@ def _matrix_input(layer: Layer) -> Any:
         win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
         win = win[(Ellipsis, *(slice(None, None, d) for d in dilations))]
         win = win[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-        # (N, Cin, *out, *k) -> (N, *out, Cin, *k)
+        # (N, Cin, *out, *k) -> (N, *out, Cin, *k), still a view of x
         win = np.moveaxis(win, 1, 1 + nd)
+        positions = math.prod(win.shape[: 1 + nd])
+        if positions > _MAX_PATCHES:  # large maps: a fixed random sample of the patches
+            flat = np.sort(np.random.default_rng(0).choice(positions, _MAX_PATCHES, False))
+            win = win[np.unravel_index(flat, win.shape[: 1 + nd])]
         return win.reshape(-1, cin * math.prod(kernel))
 
     return rows
