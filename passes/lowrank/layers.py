@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_edge.passes._graph import FLOAT_DTYPES, const_value
+from onnxslim_edge.graph import FLOAT_DTYPES, const_value
 
 __all__ = ["MARKER", "Layer", "SplitGroup", "find_layers", "layer_name", "split_groups"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_edge.passes._graph import unique_name
+from onnxslim_edge.graph import unique_name
 from onnxslim_edge.passes.lowrank.factors import Factors
 from onnxslim_edge.passes.lowrank.layers import Layer
 

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, first_line
+from onnxslim_edge.graph import export_graph
 from onnxslim_edge.passes.lowrank import factors as F
 from onnxslim_edge.passes.lowrank.layers import MARKER, Layer, find_layers, layer_name, split_groups
 from onnxslim_edge.passes.lowrank.rewrite import apply_split, layout_for
@@ -173,11 +174,11 @@ class LowRank(Pass):
         report = self.new_report()
         round_to = cfg.round_to or ctx.target.round_to
         from onnxslim_edge.analysis.cost import model_cost
-        from onnxslim_edge.analysis.shapes import infer_shapes
+        from onnxslim_edge.graph import infer_shapes
         from onnxslim_edge.passes.prune.channels import _shapes_from_data
 
         input_shapes = ctx.input_shapes or _shapes_from_data(ctx, graph)
-        before = _export(graph)
+        before = export_graph(graph)
         shapes = {k: v.shape for k, v in infer_shapes(before, input_shapes).items()}
         self._check_names(graph, cfg)
         exclude = set(cfg.exclude_nodes)
@@ -368,11 +369,10 @@ class LowRank(Pass):
         if not wanted:
             return {}
         from onnxslim_edge.data import open_data
-        from onnxslim_edge.passes.prune.mechanics import expose_outputs
-        from onnxslim_edge.runtime import make_session
+        from onnxslim_edge.graph import exposing_session
 
         names = sorted({layer.input_tensor for layer in wanted})
-        session = make_session(expose_outputs(model, names), threads=1)
+        session = exposing_session(model, names, threads=1)
         inputs = {i.name for i in session.get_inputs()}
         grams: dict[str, tuple[np.ndarray, int]] = {}
         for feed in open_data(
@@ -397,7 +397,7 @@ class LowRank(Pass):
         from onnxslim_edge.analysis.cost import model_cost
         from onnxslim_edge.verify import compare
 
-        after = _export(graph)
+        after = export_graph(graph)
         c1 = model_cost(after, shapes)
         summary: dict[str, Any] = dict(
             model=True,
@@ -474,13 +474,6 @@ def _split(
         entry["output_error"] = round(c.error, 6)
     report.detail(**entry)
     report.count("layers_split")
-
-
-def _export(graph: gs.Graph) -> Any:
-    model = gs.export_onnx(graph, do_type_check=False)
-    if model.ir_version > 10:
-        model.ir_version = 10
-    return model
 
 
 def _form_name(layer: Layer, form: str) -> str:

@@ -767,6 +767,17 @@ def test_the_corpus_has_layers_to_split():
     assert len(_SPLIT) >= 10, _SPLIT
 
 
+def test_the_pass_runs_alone_and_by_name():
+    from onnxslim_edge import create_pass
+
+    model = net_model()
+    result = create_pass("lowrank", ratio=0.3, round_to=4)(model)
+    assert result.modified
+    assert result.report.cost_after["macs"] < result.report.cost_before["macs"]
+    assert any(d.get("model") for d in result.report.details)
+    assert model.SerializeToString() == net_model().SerializeToString()  # input unchanged
+
+
 # --------------------------------------------------------------------------- CLI
 
 
