@@ -48,8 +48,12 @@ __all__ = ["LowRank", "LowRankConfig"]
 log = logging.getLogger(__name__)
 
 _FORMS = ("auto", "channel", "spatial", "tucker2")
-#: im2col rows taken from one calibration batch at most (memory stays bounded on large maps)
-_MAX_PATCHES = 8192
+#: im2col rows taken from one calibration batch at most, and in all per layer (times the
+#: patch length): the Gram matrix costs rows x (Cin k k)^2
+_MAX_PATCHES = 2048
+_PATCHES_PER_DIM = 16
+#: longest patch (Cin * prod(k)) the data-aware variant takes; longer ones keep the weight error
+_MAX_PATCH_DIM = 1152
 _SELECTORS = ("energy", "ratio", "macs_reduction", "params_reduction", "ranks")
 
 
@@ -72,8 +76,9 @@ class LowRankConfig:
     - `exclude_nodes`: node names left alone.
     - `data_aware`: minimise ||W X - A B X|| on `Context.data` (up to `max_samples`
       samples) instead of ||W - A B||: Gemm/MatMul, and Conv in the channel form (X:
-      im2col patches; not with auto_pad SAME), so convs get the channel form; with
-      `form` spatial/tucker2 convs keep the weight error.
+      im2col patches of at most 1152 = Cin * prod(k) values; not with auto_pad SAME),
+      so those convs get the channel form; other convs, and with `form` spatial/tucker2
+      all convs, keep the weight error.
     - `resplit`: also split factor layers an earlier run wrote (`<name>.lowrank<i>`);
       by default they are left alone and budgets count what they already saved.
     - `verify_samples`: samples of the fidelity check before returning.
@@ -382,8 +387,10 @@ class LowRank(Pass):
                 zip(names, session.run(names, {k: v for k, v in feed.items() if k in inputs}))
             )
             for layer in wanted:
-                rows = _matrix_input(layer)(np.asarray(values[layer.input_tensor], np.float64))
                 g, n = grams.get(layer.name, (0.0, 0))
+                if layer.op == "Conv" and n >= _PATCHES_PER_DIM * layer.weight[0].size:
+                    continue  # enough patches for this layer's Gram matrix
+                rows = _matrix_input(layer)(np.asarray(values[layer.input_tensor], np.float64))
                 grams[layer.name] = (g + rows.T @ rows, n + rows.shape[0])
         return grams
 
@@ -528,9 +535,9 @@ def _matrix_input(layer: Layer) -> Any:
     if layer.op == "MatMul":
         k = layer.weight.shape[0]
         return lambda x: x.reshape(-1, k)
-    if not layer.spatial_ok:  # auto_pad SAME: the padding depends on shapes
-        return None
     cin, *kernel = layer.weight.shape[1:]
+    if not layer.spatial_ok or cin * math.prod(kernel) > _MAX_PATCH_DIM:
+        return None  # auto_pad SAME (padding depends on shapes), or too long a patch
     nd = len(kernel)
     strides = list(node.attrs.get("strides", [1] * nd))
     dilations = list(node.attrs.get("dilations", [1] * nd))
