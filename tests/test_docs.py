@@ -37,3 +37,14 @@ def test_readme_snippets_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "model.slim.onnx").is_file()
+
+
+def test_lowrank_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_edge.demo import DIGITS_MODEL
+
+    blocks = _python_blocks(ROOT / "docs" / "lowrank.md")
+    assert len(blocks) == 1
+    shutil.copy(DIGITS_MODEL, tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "lowrank.md", "exec"), {"__name__": "docs_lowrank"})
+    assert (tmp_path / "model.lowrank.onnx").is_file()
