@@ -5,10 +5,12 @@
     verify REFERENCE CANDIDATE    -> verify.compare(reference, candidate, data)
     lint MODEL [--nm 2:4]         -> analysis.qdq_lint.lint_qdq / analysis.sparsity_nm.check_nm
     passes                        -> pipeline.available_passes / get_pass
+    snapshot MODEL --data D -o G  -> regress.snapshot(model, data, golden)
+    regress MODEL GOLDEN          -> regress.regress(model, golden, budget=...)
     demo                          -> demo.run_demo()
 
-Exit status: 0 success, 1 `verify` found a difference beyond tolerance or `lint` an
-error-level violation, 2 bad input
+Exit status: 0 success, 1 `verify` found a difference beyond tolerance, `lint` an
+error-level violation or `regress` a regression, 2 bad input
 (missing or corrupt file, wrong data, unknown pass or option, impossible target):
 one line on stderr naming the cause, and no output file.
 """
@@ -240,6 +242,60 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from onnxslim_edge.regress import snapshot
+
+    snap = snapshot(
+        args.model,
+        args.data,
+        args.output,
+        samples=args.samples,
+        input_shapes=args.input_shape,
+        latency_runs=args.latency_runs,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    if not args.quiet:
+        sig = snap.signature
+        print(
+            f"wrote {snap.path}: {sig['samples']} sample(s), {sig['nodes']} nodes, "
+            f"{sig['params']} params, {sig['macs']} MACs"
+            + (f", {sig['latency']['median_ms']:.3f} ms median" if sig["latency"] else "")
+        )
+    return 0
+
+
+def _floors(args: argparse.Namespace) -> dict[str, float]:
+    pairs = {
+        "min_cosine": args.min_cosine,
+        "min_sqnr_db": args.min_sqnr,
+        "min_top1_agreement": args.min_top1_agreement,
+        "max_abs_error": args.max_abs_error,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    from onnxslim_edge.regress import regress
+
+    result = regress(
+        args.model,
+        args.golden,
+        budget=args.budget,
+        rtol=args.rtol,
+        atol=args.atol,
+        atol_mode=args.atol_mode,
+        floors=_floors(args),
+        input_shapes=args.input_shape,
+        latency_runs=args.latency_runs,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.to_text())
+    return 0 if result.passed else 1
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from onnxslim_edge.pipeline import available_passes, get_pass
 
@@ -349,6 +405,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("snapshot", help="record a model's signature and outputs as a golden folder")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="inputs: .npz, folder of .npz/.npy, or 'random'")
+    p.add_argument("-o", "--output", required=True, help="golden folder (written atomically)")
+    p.add_argument(
+        "--latency-runs",
+        type=int,
+        default=0,
+        help="also record a median latency over this many runs (for reading only)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing golden folder")
+    p.add_argument("--samples", type=int, help="record at most this many samples")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("regress", help="compare a model with a golden folder; exit 1 on regression")
+    p.add_argument("model")
+    p.add_argument("golden", help="folder written by snapshot")
+    p.add_argument(
+        "--budget",
+        metavar="KEY=LIMIT,...",
+        help="allowed growth: size, params, macs, nodes, latency; e.g. size=+2%%,macs=0,"
+        "nodes=+0,latency=+10%% (latency timed side by side with the golden model)",
+    )
+    p.add_argument("--rtol", type=float, help="element-wise tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, help="default 1e-5 (x output range, see --atol-mode)")
+    p.add_argument("--atol-mode", choices=("absolute", "range"), default="range")
+    p.add_argument("--min-cosine", type=float, help="fidelity floor instead of rtol/atol")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fidelity floor in dB")
+    p.add_argument("--min-top1-agreement", type=float, help="fidelity floor for logits")
+    p.add_argument("--max-abs-error", type=float, help="fidelity limit")
+    p.add_argument("--latency-runs", type=int, default=30, help="timed runs per model")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_regress)
 
     p = sub.add_parser("passes", help="list the available passes and their options")
     p.set_defaults(func=cmd_passes)
