@@ -24,8 +24,10 @@ reference, only a note of what the snapshot machine measured.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -54,9 +56,13 @@ __all__ = [
     "Snapshot",
     "atomic_folder",
     "load_golden",
+    "load_inputs",
+    "load_run_results",
     "model_signature",
     "parse_budget",
     "regress",
+    "save_inputs",
+    "save_run_results",
     "snapshot",
 ]
 
@@ -68,7 +74,6 @@ GOLDEN_FILES = ("model.onnx", "inputs.json", "outputs.json", "signature.json")
 BUDGET_KEYS = ("nodes", "params", "size", "macs", "latency")
 _SIGNATURE_KEYS = {"nodes": "nodes", "params": "params", "size": "size_bytes", "macs": "macs"}
 _FORMAT = 1
-RUNNER_NAME = "onnxslim-edge-golden"
 
 
 # --------------------------------------------------------------------------- folders
@@ -164,13 +169,93 @@ def _machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------- running
 
 
-def _run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[Any]:
-    """One Polygraphy IterationResult per feed, from ONNX Runtime on the CPU."""
-    from polygraphy.comparator import IterationResult
+# Polygraphy's JSON formats, read and written here: its own (de)serializers ask every
+# array whether it is a torch tensor, which imports torch (seconds) wherever installed.
+# tests/test_regress.py replays the files through the polygraphy CLI.
 
+
+def _encode_array(array: np.ndarray) -> dict[str, str]:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return {"array": base64.b64encode(buf.getvalue()).decode(), "polygraphy_class": "ndarray"}
+
+
+def _decode_array(obj: Any) -> np.ndarray:
+    if isinstance(obj, dict) and obj.get("polygraphy_class") == "LazyArray":
+        obj = obj.get("values")
+    if not (isinstance(obj, dict) and obj.get("polygraphy_class") == "ndarray"):
+        raise ValueError("expected a Polygraphy ndarray")
+    raw = base64.b64decode(str(obj.get("array", "")).encode(), validate=True)
+    array = np.load(io.BytesIO(raw), allow_pickle=False)
+    if not isinstance(array, np.ndarray):
+        raise ValueError("not a single array")
+    return array
+
+
+def save_inputs(feeds: Sequence[Mapping[str, np.ndarray]], path: str | os.PathLike) -> None:
+    """Feed dicts as `polygraphy run --load-inputs` reads them (a JSON list)."""
+    data = [{k: _encode_array(v) for k, v in feed.items()} for feed in feeds]
+    Path(path).write_text(json.dumps(data), encoding="utf-8")
+
+
+def save_run_results(
+    outputs: Sequence[Mapping[str, np.ndarray]],
+    path: str | os.PathLike,
+    *,
+    runner: str = "onnxslim-edge-golden",
+    runtimes: Sequence[float] | None = None,
+) -> None:
+    """One runner's outputs per iteration as a Polygraphy `RunResults` JSON file
+    (`polygraphy run --load-outputs`)."""
+    iterations = [
+        {
+            "outputs": {
+                k: {"values": _encode_array(v), "polygraphy_class": "LazyArray"}
+                for k, v in out.items()
+            },
+            "runtime": float(runtimes[i]) if runtimes is not None else None,
+            "runner_name": runner,
+            "polygraphy_class": "IterationResult",
+        }
+        for i, out in enumerate(outputs)
+    ]
+    data = {"lst": [[runner, iterations]], "polygraphy_class": "RunResults"}
+    Path(path).write_text(json.dumps(data), encoding="utf-8")
+
+
+def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """Feed dicts from a Polygraphy inputs JSON file; DataError when malformed."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, list) or not all(isinstance(f, dict) for f in data):
+            raise ValueError("expected a list of feed dicts")
+        return [{k: _decode_array(v) for k, v in feed.items()} for feed in data]
+    except (ValueError, TypeError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"{path}: malformed ({first_line(exc)})") from exc
+
+
+def load_run_results(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """The iterations' outputs of the single runner in a Polygraphy `RunResults` file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("polygraphy_class") != "RunResults":
+            raise ValueError("not a Polygraphy RunResults file")
+        runs = data.get("lst")
+        if not isinstance(runs, list) or len(runs) != 1:
+            raise ValueError("expected the results of exactly one runner")
+        iterations = runs[0][1]
+        return [{k: _decode_array(v) for k, v in it["outputs"].items()} for it in iterations]
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"{path}: malformed ({first_line(exc)})") from exc
+
+
+def _run_outputs(
+    model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    """Outputs (and inference times) per feed, from Polygraphy's ONNX Runtime runner."""
     from onnxslim_edge.verify import _quiet_polygraphy, _runner
 
-    results = []
+    results, times = [], []
     with _quiet_polygraphy(), _runner(model, "golden") as runner:
         for i, feed in enumerate(feeds):
             try:
@@ -179,14 +264,9 @@ def _run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray
                 raise DataError(
                     f"ONNX Runtime failed on input batch {i}: {first_line(exc)}"
                 ) from exc
-            results.append(
-                IterationResult(
-                    outputs={k: np.array(v) for k, v in out.items()},
-                    runtime=runner.last_inference_time(),
-                    runner_name=RUNNER_NAME,
-                )
-            )
-    return results
+            results.append({k: np.array(v) for k, v in out.items()})
+            times.append(runner.last_inference_time())
+    return results, times
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,7 +307,7 @@ def snapshot(
     if not feeds:
         raise DataError(f"{source.describe()}: no samples to record")
     count = sum(next(iter(f.values())).shape[0] if f else 0 for f in feeds)
-    results = _run_outputs(proto, feeds)
+    results, times = _run_outputs(proto, feeds)
     signature = model_signature(proto, input_shapes)
     signature.update(
         {
@@ -249,15 +329,10 @@ def snapshot(
             "machine": _machine(),
             "note": "for reading only: a latency budget re-times the golden model",
         }
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import save_json
-
-    from onnxslim_edge.verify import _quiet_polygraphy
-
-    with _quiet_polygraphy(), atomic_folder(output, overwrite=overwrite) as tmp:
+    with atomic_folder(output, overwrite=overwrite) as tmp:
         save_model(proto, tmp / "model.onnx")
-        save_json(feeds, str(tmp / "inputs.json"))
-        RunResults([(RUNNER_NAME, results)]).save(str(tmp / "outputs.json"))
+        save_inputs(feeds, tmp / "inputs.json")
+        save_run_results(results, tmp / "outputs.json", runtimes=times)
         signature["model_sha256"] = _sha256(tmp / "model.onnx")
         (tmp / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
     log.info("snapshot of %s: %d sample(s) in %s", signature["model"], count, output)
@@ -303,13 +378,8 @@ def load_golden(path: str | os.PathLike) -> Golden:
             f"{model_path}: does not match the SHA-256 in signature.json (edited by hand?); "
             "re-create the folder with snapshot"
         )
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import load_json
-
-    from onnxslim_edge.verify import _quiet_polygraphy
-
-    with _quiet_polygraphy():
-        inputs, outputs = _read_results(folder, load_json, RunResults)
+    inputs = load_inputs(folder / "inputs.json")
+    outputs = load_run_results(folder / "outputs.json")
     if len(outputs) != len(inputs):
         raise DataError(
             f"{folder}: {len(inputs)} input batch(es) but {len(outputs)} output batch(es)"
@@ -317,25 +387,6 @@ def load_golden(path: str | os.PathLike) -> Golden:
     return Golden(
         path=folder, signature=signature, model_path=model_path, inputs=inputs, outputs=outputs
     )
-
-
-def _read_results(folder: Path, load_json: Any, run_results: Any) -> tuple[list, list]:
-    try:
-        inputs = load_json(str(folder / "inputs.json"))
-        if not isinstance(inputs, list) or not all(isinstance(f, dict) for f in inputs):
-            raise ValueError("expected a list of feed dicts")
-        inputs = [{k: np.asarray(v) for k, v in f.items()} for f in inputs]
-    except Exception as exc:  # polygraphy raises bare exceptions on bad JSON
-        raise DataError(f"{folder / 'inputs.json'}: malformed ({first_line(exc)})") from exc
-    try:
-        results = run_results.load(str(folder / "outputs.json"))
-        if len(results) != 1:
-            raise ValueError(f"expected the results of one runner, found {len(results)}")
-        iterations = next(iter(results.values()))
-        outputs = [{k: np.asarray(v) for k, v in it.items()} for it in iterations]
-    except Exception as exc:
-        raise DataError(f"{folder / 'outputs.json'}: malformed ({first_line(exc)})") from exc
-    return inputs, outputs
 
 
 # --------------------------------------------------------------------------- budget

@@ -11,64 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from fixtures.tiny_models import W1, W2, mlp
 
 from onnxslim_edge.cli import main
 from onnxslim_edge.errors import ConfigError, DataError
 from onnxslim_edge.model import save_model
 from onnxslim_edge.regress import Limit, load_golden, parse_budget, regress, snapshot
 
-RNG = np.random.default_rng(0)
-W1 = RNG.standard_normal((4, 16)).astype(np.float32)
-W2 = RNG.standard_normal((16, 3)).astype(np.float32)
-
-
-def mlp(
-    *,
-    w1: np.ndarray = W1,
-    w2: np.ndarray = W2,
-    extra_identity: bool = False,
-    padding_bytes: int = 0,
-    output: str = "y",
-    chain: int = 0,
-) -> onnx.ModelProto:
-    """x[N,4] -> MatMul -> Relu -> MatMul -> y[N,3]; variants for each budget.
-
-    `chain` appends that many 256x256 MatMul pairs on a side branch summed back in as
-    zero (x @ 0): the same outputs, far more work (the latency budget's candidate)."""
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["o" if extra_identity or chain else output]),
-    ]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
-    if extra_identity:
-        nodes.append(helper.make_node("Identity", ["o"], [output]))
-    if padding_bytes:
-        inits.append(numpy_helper.from_array(np.zeros(padding_bytes // 4, np.float32), "pad"))
-    if chain:
-        big = RNG.standard_normal((256, 256)).astype(np.float32) / 16
-        inits += [
-            numpy_helper.from_array(big, "big"),
-            numpy_helper.from_array(np.zeros((3, 256), np.float32), "up"),
-            numpy_helper.from_array(np.zeros((256, 3), np.float32), "down"),
-        ]
-        nodes.append(helper.make_node("MatMul", ["o", "up"], ["c0"]))
-        for i in range(chain):
-            nodes.append(helper.make_node("MatMul", [f"c{i}", "big"], [f"c{i + 1}"]))
-        nodes.append(helper.make_node("MatMul", [f"c{chain}", "down"], ["z"]))
-        nodes.append(helper.make_node("Add", ["o", "z"], [output]))
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", 3])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+RNG = np.random.default_rng(1)
 
 
 @pytest.fixture
@@ -298,13 +248,13 @@ def test_snapshot_failure_leaves_nothing(
     tmp_path: Path, golden: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, data, _ = golden
-    from polygraphy.comparator import RunResults
+    import onnxslim_edge.regress
 
-    def boom(self: object, path: str) -> None:
+    def boom(outputs: object, path: Path, **kwargs: object) -> None:
         Path(path).write_text("partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(RunResults, "save", boom)
+    monkeypatch.setattr(onnxslim_edge.regress, "save_run_results", boom)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(OSError, match="disk full"):
         snapshot(model, data, tmp_path / "g3")
