@@ -82,17 +82,24 @@ _FORMAT = 1
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one
-    rename, on any error it is removed and `path` is left as it was.
+    rename, on any error it is removed and `path` is left as it was (missing parent
+    folders are created, and removed again on error).
 
     An existing non-empty `path` needs `overwrite` (raises ConfigError otherwise)."""
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"{target}: parent folder {parent} does not exist")
     if target.exists() and not target.is_dir():
         raise ConfigError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"{target}: folder exists and is not empty; pass overwrite to replace it")
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
+    if any(p.exists() and not p.is_dir() for p in parent.parents):
+        raise ConfigError(f"{target}: a parent of it is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot create folder {parent} ({exc.strerror})") from exc
+    done = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -104,11 +111,16 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
             os.replace(target, old / "previous")
         os.replace(tmp, target)
+        done = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for folder in created:  # innermost first: remove the parents made for it
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 # --------------------------------------------------------------------------- signature
