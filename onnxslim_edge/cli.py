@@ -7,10 +7,13 @@
     passes                        -> pipeline.available_passes / get_pass
     snapshot MODEL --data D -o G  -> regress.snapshot(model, data, golden)
     regress MODEL GOLDEN          -> regress.regress(model, golden, budget=...)
+    build-engine MODEL -o E       -> engine.build_engine(model, engine, EngineConfig(...))
+    bundle MODEL --jetpack V -o D -> jetson.bundle(model, jetpack, folder, ...)
     demo                          -> demo.run_demo()
 
 Exit status: 0 success, 1 `verify` found a difference beyond tolerance, `lint` an
-error-level violation or `regress` a regression, 2 bad input
+error-level violation, `regress` a regression, `bundle` a failed check or
+`build-engine` an engine whose outputs differ from ONNX Runtime's; 2 bad input
 (missing or corrupt file, wrong data, unknown pass or option, impossible target):
 one line on stderr naming the cause, and no output file.
 """
@@ -296,6 +299,57 @@ def cmd_regress(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from onnxslim_edge.engine import EngineConfig, build_engine, parse_profile
+
+    config = EngineConfig(
+        fp16=args.fp16,
+        int8=args.int8,
+        sparsity=args.sparsity,
+        timing_cache=args.timing_cache,
+        profiles=parse_profile(args.profile) if args.profile else {},
+        workspace_mib=args.workspace,
+    )
+    result = build_engine(
+        args.model,
+        args.output,
+        config,
+        data=args.data,
+        samples=args.samples,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"wrote {result.path} (TensorRT {result.tensorrt_version})")
+        print(result.comparison.to_table())
+        print(("PASS: " if result.passed else "FAIL: ") + result.comparison.summary())
+    return 0 if result.passed else 1
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from onnxslim_edge.engine import parse_profile
+    from onnxslim_edge.jetson import bundle
+
+    result = bundle(
+        args.model,
+        args.jetpack,
+        args.output,
+        data=args.data,
+        samples=args.samples,
+        profiles=parse_profile(args.profile) if args.profile else {},
+        fp16=args.fp16,
+        int8=args.int8,
+        sparsity=args.sparsity,
+        dla=args.dla,
+        force=args.force,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
+    return 0 if result.passed else 1
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from onnxslim_edge.pipeline import available_passes, get_pass
 
@@ -443,6 +497,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_regress)
+
+    def engine_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--fp16", action="store_true", help="allow fp16 kernels")
+        p.add_argument(
+            "--int8", action="store_true", help="int8 from the model's Q/DQ nodes (explicit only)"
+        )
+        p.add_argument("--sparsity", action="store_true", help="use 2:4 sparse weights")
+        p.add_argument(
+            "--profile",
+            action="append",
+            metavar="NAME=MIN:OPT:MAX",
+            help="optimization profile of a dynamic input, e.g. x=1x3x224x224:8x3x224x224:"
+            "16x3x224x224 (repeatable, one per input)",
+        )
+        p.add_argument("--data", help="inputs for the comparison (.npz, folder); default random")
+        p.add_argument("--samples", type=int, default=8, help="samples to compare")
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "build-engine", help="build a TensorRT engine (Polygraphy) and compare it with ONNX Runtime"
+    )
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="engine file (written atomically)")
+    p.add_argument("--timing-cache", metavar="FILE", help="read and update this timing cache")
+    p.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit")
+    p.add_argument(
+        "--rtol", type=float, help="default by precision: fp32 1e-3, fp16 1e-2, int8 5e-2"
+    )
+    p.add_argument("--atol", type=float, help="x output range; default by precision")
+    engine_options(p)
+    p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser(
+        "bundle", help="check a model against a JetPack's TensorRT and write a device hand-off"
+    )
+    p.add_argument("model")
+    p.add_argument("--jetpack", required=True, choices=("5.1", "6.0", "6.1", "6.2", "7"))
+    p.add_argument("-o", "--output", required=True, help="folder (written atomically)")
+    p.add_argument("--dla", action="store_true", help="also check DLA constraints")
+    p.add_argument("--force", action="store_true", help="write the folder despite errors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    engine_options(p)
+    p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("passes", help="list the available passes and their options")
     p.set_defaults(func=cmd_passes)

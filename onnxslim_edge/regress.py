@@ -55,6 +55,7 @@ __all__ = [
     "RegressResult",
     "Snapshot",
     "atomic_folder",
+    "compare_outputs",
     "load_golden",
     "load_inputs",
     "load_run_results",
@@ -620,6 +621,48 @@ def _op_changes(golden: Mapping[str, int], cand: Mapping[str, int]) -> dict[str,
     }
 
 
+def compare_outputs(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    candidate: Sequence[Mapping[str, np.ndarray]],
+    *,
+    samples: int,
+    rtol: float,
+    atol: float,
+    atol_mode: str = "range",
+    names: Sequence[str] | None = None,
+    data: str = "",
+    synthetic: bool = False,
+    messages: Sequence[str] = (),
+) -> Any:
+    """verify's metrics (a VerifyResult) of outputs already computed, batch by batch;
+    `names` defaults to the reference's outputs. `messages` fail the result."""
+    from onnxslim_edge.verify import VerifyResult, _Accumulator
+
+    if names is None:
+        names = list(reference[0]) if reference else []
+    acc = {n: _Accumulator(n) for n in names}
+    for ref, cand in zip(reference, candidate):
+        for n in names:
+            if n not in cand:
+                acc[n].fail(f"output '{n}' is missing from the candidate")
+            elif n in ref:
+                acc[n].update(ref[n], cand[n], rtol)
+    result = VerifyResult(
+        outputs={n: a.finish(rtol, atol, atol_mode) for n, a in acc.items()},
+        samples=samples,
+        synthetic=synthetic,
+        rtol=rtol,
+        atol=atol,
+        atol_mode=atol_mode,
+        data=data,
+        messages=list(messages),
+    )
+    if messages:
+        for m in result.outputs.values():
+            m.passed = False
+    return result
+
+
 def _fidelity(
     golden: Golden,
     candidate: onnx.ModelProto,
@@ -630,12 +673,11 @@ def _fidelity(
 ) -> Any:
     """Candidate outputs on the stored inputs against the stored outputs (a VerifyResult)."""
     from onnxslim_edge.errors import UnsupportedError
-    from onnxslim_edge.verify import VerifyResult, _Accumulator, _quiet_polygraphy, _runner
+    from onnxslim_edge.verify import _quiet_polygraphy, _runner
 
-    names = [t["name"] for t in golden.signature["outputs"]]
-    acc = {n: _Accumulator(n) for n in names}
     wanted = {i.name for i in candidate.graph.input}
     messages: list[str] = []
+    outputs: list[dict[str, np.ndarray]] = []
     samples = 0
     with _quiet_polygraphy(), contextlib.ExitStack() as stack:
         try:
@@ -643,7 +685,7 @@ def _fidelity(
         except UnsupportedError as exc:
             runner = None
             messages.append(str(exc))
-        for feed, ref in zip(golden.inputs, golden.outputs):
+        for feed in golden.inputs:
             if runner is None:
                 break
             try:
@@ -653,26 +695,20 @@ def _fidelity(
             except Exception as exc:
                 messages.append(f"candidate: ONNX Runtime failed: {first_line(exc)}")
                 break
-            for n in names:
-                if n not in out:
-                    acc[n].fail(f"output '{n}' is missing from the candidate")
-                elif n in ref:
-                    acc[n].update(ref[n], out[n], rtol)
+            outputs.append(dict(out))
             samples += next(iter(feed.values())).shape[0] if feed else 1
-    result = VerifyResult(
-        outputs={n: a.finish(rtol, atol, atol_mode) for n, a in acc.items()},
+    return compare_outputs(
+        golden.outputs[: len(outputs)],
+        outputs,
         samples=samples,
-        synthetic=bool(golden.signature.get("synthetic")),
         rtol=rtol,
         atol=atol,
         atol_mode=atol_mode,
-        data=f"{golden.path / 'inputs.json'}",
+        names=[t["name"] for t in golden.signature["outputs"]],
+        data=str(golden.path / "inputs.json"),
+        synthetic=bool(golden.signature.get("synthetic")),
         messages=messages,
     )
-    if messages:
-        for m in result.outputs.values():
-            m.passed = False
-    return result
 
 
 def regress(
