@@ -23,6 +23,10 @@ LIGHT_MODULES = (
     "onnxslim_edge.model",
     "onnxslim_edge.pipeline",
     "onnxslim_edge.runtime",
+    "onnxslim_edge.regress",
+    "onnxslim_edge.engine",
+    "onnxslim_edge.jetson",
+    "onnxslim_edge.pytest_plugin",
 )
 
 

@@ -281,3 +281,21 @@ def test_polygraphy_replays_the_golden_folder_by_hand(tmp_path: Path, golden: tu
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
     assert "FAILED" in bad.stdout + bad.stderr
+
+
+def test_snapshot_and_regress_never_import_torch(tmp_path: Path) -> None:
+    """Polygraphy's own JSON (de)serializers import torch wherever it is installed; ours don't."""
+    save_model(mlp(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32))
+    code = (
+        "import sys\n"
+        "from onnxslim_edge.regress import regress, snapshot\n"
+        "snapshot('m.onnx', 'd.npz', 'g')\n"
+        "assert regress('m.onnx', 'g').passed\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
