@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -16,6 +18,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from onnxslim_edge.cli import main
 from onnxslim_edge.demo import DIGITS_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +35,20 @@ def _workflow_steps(yaml_text: str) -> list[str]:
 
 
 def _run(cmd: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    """`onnxslim-edge ...` in this process (what the console script calls), the rest
+    (polygraphy, python -m pytest) as subprocesses with the venv first on PATH."""
     argv = shlex.split(cmd)
+    if argv[0] == "onnxslim-edge":
+        out, err = io.StringIO(), io.StringIO()
+        old = Path.cwd()
+        os.chdir(cwd)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = main(argv[1:])
+        finally:
+            os.chdir(old)
+        return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if argv[0] == "python":
         argv[0] = sys.executable
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
