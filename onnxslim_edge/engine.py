@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -312,6 +313,11 @@ def build_engine(
     Raises ConfigError for bad options, UnsupportedError when TensorRT or a GPU is
     missing or TensorRT refuses the model. The engine file is written atomically."""
     config = config or EngineConfig()
+    if not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f"samples must be a positive int, not {samples!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name} must be finite and >= 0, not {value}")
     out = Path(output)
     if out.is_dir() or not out.resolve().parent.is_dir():
         raise ConfigError(f"{out}: give an engine file in an existing folder")

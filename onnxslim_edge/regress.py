@@ -737,6 +737,9 @@ def regress(
     unknown = sorted(set(floors) - set(FLOOR_KEYS))
     if unknown:
         raise ConfigError(f"unknown floor(s) {', '.join(unknown)}; valid: {', '.join(FLOOR_KEYS)}")
+    bad = [f"{k}={v}" for k, v in floors.items() if not math.isfinite(float(v))]
+    if bad:
+        raise ConfigError(f"fidelity floors must be finite numbers (got {', '.join(bad)})")
     elementwise = not floors or rtol is not None or atol is not None
     rtol = 1e-5 if rtol is None else rtol
     atol = 1e-5 if atol is None else atol

@@ -157,6 +157,8 @@ def test_cli_without_tensorrt_exits_2_with_one_line(
         (["--profile", "image=2x1x8x8:1x1x8x8:4x1x8x8"], "need 0 <= min <= opt <= max"),
         (["--timing-cache", "/nowhere/t.cache"], "--timing-cache /nowhere/t.cache: folder does not exist"),
         (["--workspace", "0"], "workspace_mib must be >= 1, not 0"),
+        (["--samples", "0"], "samples must be a positive int, not 0"),
+        (["--rtol", "nan"], "rtol must be finite and >= 0, not nan"),
     ],
 )  # fmt: skip
 def test_cli_argument_checks_come_before_tensorrt(

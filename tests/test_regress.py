@@ -215,6 +215,8 @@ def test_cli_round_trip_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFix
         (["--budget", "size=2x"], "budget: size=2x: expected a number"),
         (["--budget", "bogus=1"], "budget: unknown key 'bogus'"),
         (["--rtol", "-1"], "rtol and atol must be finite and >= 0"),
+        (["--min-cosine", "nan"], "fidelity floors must be finite numbers (got min_cosine=nan)"),
+        (["--latency-runs", "0"], "latency_runs must be >= 1, not 0"),
     ],
 )
 def test_cli_bad_options_exit_2(
