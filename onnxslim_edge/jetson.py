@@ -438,7 +438,8 @@ def bundle(
     synthetic in the README)."""
     from onnxslim_edge.data import open_data
     from onnxslim_edge.engine import default_tolerance
-    from onnxslim_edge.regress import _run_outputs, atomic_folder, save_inputs, save_run_results
+    from onnxslim_edge.polygraphy_io import save_inputs, save_run_results
+    from onnxslim_edge.regress import _run_outputs, atomic_folder
 
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, not {samples}")

@@ -24,10 +24,8 @@ reference, only a note of what the snapshot machine measured.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -44,6 +42,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxslim_edge import polygraphy_io
 from onnxslim_edge.errors import ConfigError, DataError, OnnxSlimEdgeError, first_line
 from onnxslim_edge.model import ModelSource, load_model, save_model
 
@@ -57,13 +56,9 @@ __all__ = [
     "atomic_folder",
     "compare_outputs",
     "load_golden",
-    "load_inputs",
-    "load_run_results",
     "model_signature",
     "parse_budget",
     "regress",
-    "save_inputs",
-    "save_run_results",
     "snapshot",
 ]
 
@@ -182,86 +177,6 @@ def _machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------- running
 
 
-# Polygraphy's JSON formats, read and written here: its own (de)serializers ask every
-# array whether it is a torch tensor, which imports torch (seconds) wherever installed.
-# tests/test_regress.py replays the files through the polygraphy CLI.
-
-
-def _encode_array(array: np.ndarray) -> dict[str, str]:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return {"array": base64.b64encode(buf.getvalue()).decode(), "polygraphy_class": "ndarray"}
-
-
-def _decode_array(obj: Any) -> np.ndarray:
-    if isinstance(obj, dict) and obj.get("polygraphy_class") == "LazyArray":
-        obj = obj.get("values")
-    if not (isinstance(obj, dict) and obj.get("polygraphy_class") == "ndarray"):
-        raise ValueError("expected a Polygraphy ndarray")
-    raw = base64.b64decode(str(obj.get("array", "")).encode(), validate=True)
-    array = np.load(io.BytesIO(raw), allow_pickle=False)
-    if not isinstance(array, np.ndarray):
-        raise ValueError("not a single array")
-    return array
-
-
-def save_inputs(feeds: Sequence[Mapping[str, np.ndarray]], path: str | os.PathLike) -> None:
-    """Feed dicts as `polygraphy run --load-inputs` reads them (a JSON list)."""
-    data = [{k: _encode_array(v) for k, v in feed.items()} for feed in feeds]
-    Path(path).write_text(json.dumps(data), encoding="utf-8")
-
-
-def save_run_results(
-    outputs: Sequence[Mapping[str, np.ndarray]],
-    path: str | os.PathLike,
-    *,
-    runner: str = "onnxslim-edge-golden",
-    runtimes: Sequence[float] | None = None,
-) -> None:
-    """One runner's outputs per iteration as a Polygraphy `RunResults` JSON file
-    (`polygraphy run --load-outputs`)."""
-    iterations = [
-        {
-            "outputs": {
-                k: {"values": _encode_array(v), "polygraphy_class": "LazyArray"}
-                for k, v in out.items()
-            },
-            "runtime": float(runtimes[i]) if runtimes is not None else None,
-            "runner_name": runner,
-            "polygraphy_class": "IterationResult",
-        }
-        for i, out in enumerate(outputs)
-    ]
-    data = {"lst": [[runner, iterations]], "polygraphy_class": "RunResults"}
-    Path(path).write_text(json.dumps(data), encoding="utf-8")
-
-
-def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
-    """Feed dicts from a Polygraphy inputs JSON file; DataError when malformed."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(data, list) or not all(isinstance(f, dict) for f in data):
-            raise ValueError("expected a list of feed dicts")
-        return [{k: _decode_array(v) for k, v in feed.items()} for feed in data]
-    except (ValueError, TypeError, UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: malformed ({first_line(exc)})") from exc
-
-
-def load_run_results(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
-    """The iterations' outputs of the single runner in a Polygraphy `RunResults` file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("polygraphy_class") != "RunResults":
-            raise ValueError("not a Polygraphy RunResults file")
-        runs = data.get("lst")
-        if not isinstance(runs, list) or len(runs) != 1:
-            raise ValueError("expected the results of exactly one runner")
-        iterations = runs[0][1]
-        return [{k: _decode_array(v) for k, v in it["outputs"].items()} for it in iterations]
-    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: malformed ({first_line(exc)})") from exc
-
-
 def _run_outputs(
     model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> tuple[list[dict[str, np.ndarray]], list[float]]:
@@ -344,8 +259,8 @@ def snapshot(
         }
     with atomic_folder(output, overwrite=overwrite) as tmp:
         save_model(proto, tmp / "model.onnx")
-        save_inputs(feeds, tmp / "inputs.json")
-        save_run_results(results, tmp / "outputs.json", runtimes=times)
+        polygraphy_io.save_inputs(feeds, tmp / "inputs.json")
+        polygraphy_io.save_run_results(results, tmp / "outputs.json", runtimes=times)
         signature["model_sha256"] = _sha256(tmp / "model.onnx")
         (tmp / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
     log.info("snapshot of %s: %d sample(s) in %s", signature["model"], count, output)
@@ -391,8 +306,8 @@ def load_golden(path: str | os.PathLike) -> Golden:
             f"{model_path}: does not match the SHA-256 in signature.json (edited by hand?); "
             "re-create the folder with snapshot"
         )
-    inputs = load_inputs(folder / "inputs.json")
-    outputs = load_run_results(folder / "outputs.json")
+    inputs = polygraphy_io.load_inputs(folder / "inputs.json")
+    outputs = polygraphy_io.load_run_results(folder / "outputs.json")
     if len(outputs) != len(inputs):
         raise DataError(
             f"{folder}: {len(inputs)} input batch(es) but {len(outputs)} output batch(es)"

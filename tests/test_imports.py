@@ -27,6 +27,7 @@ LIGHT_MODULES = (
     "onnxslim_edge.engine",
     "onnxslim_edge.jetson",
     "onnxslim_edge.pytest_plugin",
+    "onnxslim_edge.polygraphy_io",
 )
 
 

@@ -299,7 +299,7 @@ def test_bundle_writes_the_hand_off_folder(tmp_path: Path, digits_data: Path) ->
     assert "Nothing here was run on a Jetson or a GPU yet" in readme
     assert json.loads((out / "checks.json").read_text())["passed"] is True
     # the golden outputs are ONNX Runtime's on the given inputs
-    from onnxslim_edge.regress import load_inputs, load_run_results
+    from onnxslim_edge.polygraphy_io import load_inputs, load_run_results
     from onnxslim_edge.runtime import make_session
 
     sess = make_session(DIGITS_MODEL)
@@ -361,12 +361,12 @@ def test_failed_checks_write_nothing_unless_forced(
 def test_bundle_error_mid_write_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import onnxslim_edge.regress
+    import onnxslim_edge.polygraphy_io
 
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnxslim_edge.regress, "save_run_results", boom)
+    monkeypatch.setattr(onnxslim_edge.polygraphy_io, "save_run_results", boom)
     with pytest.raises(OSError, match="disk full"):
         bundle(one_op("Relu", 13), "6.1", tmp_path / "deep" / "out", samples=1)
     assert list(tmp_path.iterdir()) == []

@@ -250,13 +250,13 @@ def test_snapshot_failure_leaves_nothing(
     tmp_path: Path, golden: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, data, _ = golden
-    import onnxslim_edge.regress
+    import onnxslim_edge.polygraphy_io
 
     def boom(outputs: object, path: Path, **kwargs: object) -> None:
         Path(path).write_text("partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnxslim_edge.regress, "save_run_results", boom)
+    monkeypatch.setattr(onnxslim_edge.polygraphy_io, "save_run_results", boom)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(OSError, match="disk full"):
         snapshot(model, data, tmp_path / "g3")
