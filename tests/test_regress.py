@@ -302,3 +302,29 @@ def test_snapshot_and_regress_never_import_torch(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_polygraphy_json_refuses_pickles_and_garbage(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from onnxslim_edge.polygraphy_io import load_inputs, load_run_results, save_inputs
+
+    feeds = [{"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"x": np.zeros((1, 3), np.int64)}]
+    save_inputs(feeds, tmp_path / "in.json")
+    back = load_inputs(tmp_path / "in.json")
+    assert [f["x"].dtype for f in back] == [np.float32, np.int64]
+    np.testing.assert_array_equal(back[0]["x"], feeds[0]["x"])
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    pickled = {"array": base64.b64encode(buf.getvalue()).decode(), "polygraphy_class": "ndarray"}
+    (tmp_path / "pickle.json").write_text(json.dumps([{"x": pickled}]))
+    with pytest.raises(
+        DataError, match=r"pickle\.json: malformed \(Object arrays cannot be loaded"
+    ):
+        load_inputs(tmp_path / "pickle.json")
+    (tmp_path / "dict.json").write_text('{"x": 1}')
+    with pytest.raises(DataError, match=r"dict\.json: malformed \(expected a list of feed dicts\)"):
+        load_inputs(tmp_path / "dict.json")
+    with pytest.raises(DataError, match=r"not a Polygraphy RunResults file"):
+        load_run_results(tmp_path / "in.json")
