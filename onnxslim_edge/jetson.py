@@ -215,15 +215,6 @@ def _check_int64(model: onnx.ModelProto, t: TensorRTTarget) -> list[Finding]:
     return out
 
 
-def _qdq_and_nm() -> tuple[Any, Any]:
-    """The Q/DQ linter and the N:M checker.  # TODO(after the 18:00 rebase): import them
-    from onnxslim_edge.analysis, where they move; the core must not import passes."""
-    from onnxslim_edge.passes.prune.nm import check_nm
-    from onnxslim_edge.passes.quantize.lint import lint_qdq
-
-    return lint_qdq, check_nm
-
-
 def _check_qdq(model: onnx.ModelProto, int8: bool) -> list[Finding]:
     qdq = has_qdq(model)
     if int8 and not qdq:
@@ -236,12 +227,14 @@ def _check_qdq(model: onnx.ModelProto, int8: bool) -> list[Finding]:
         ]
     if not qdq:
         return []
-    lint_qdq, _ = _qdq_and_nm()
+    from onnxslim_edge.analysis.qdq_lint import lint_qdq
+
     return [Finding("qdq", f"{v.rule} {v.node}: {v.message}", v.severity) for v in lint_qdq(model)]
 
 
 def _check_sparsity(model: onnx.ModelProto) -> list[Finding]:
-    _, check_nm = _qdq_and_nm()
+    from onnxslim_edge.analysis.sparsity_nm import check_nm
+
     results = check_nm(model, 2, 4)
     eligible = [r for r in results if r.ok]
     if not eligible:
