@@ -3,7 +3,7 @@
     inspect MODEL                 -> analysis.model_cost / analysis.io_info
     optimize MODEL -o OUT ...     -> Pipeline(...).run(model, Context(...)); save_model(...)
     verify REFERENCE CANDIDATE    -> verify.compare(reference, candidate, data)
-    lint MODEL [--nm 2:4]         -> analysis.qdq_lint.lint_qdq / analysis.sparsity_nm.check_nm
+    lint MODEL [--target T]       -> analysis.qdq_lint.lint_qdq / analysis.sparsity_nm.check_nm
     passes                        -> pipeline.available_passes / get_pass
     snapshot MODEL --data D -o G  -> regress.snapshot(model, data, golden)
     regress MODEL GOLDEN          -> regress.regress(model, golden, budget=...)
@@ -215,13 +215,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    """TensorRT Q/DQ placement rules and, with --nm, the N:M sparsity pattern."""
+    """The Q/DQ rules of --target (TensorRT's by default) and, with --nm, the N:M pattern."""
     from onnxslim_edge.analysis.qdq_lint import format_violations, lint_qdq
     from onnxslim_edge.analysis.sparsity_nm import check_nm, format_nm_results
     from onnxslim_edge.model import load_model
 
     model = load_model(args.model)
-    violations = lint_qdq(model)
+    violations = lint_qdq(model, args.target)
     failed = any(v.severity == "error" for v in violations)
     nm_results = None
     if args.nm:
@@ -234,12 +234,17 @@ def cmd_lint(args: argparse.Namespace) -> int:
         nm_results = check_nm(model, n, m)
         failed = failed or any(not r.ok for r in nm_results)
     if args.json:
-        out = {"qdq": [dataclasses.asdict(v) for v in violations], "passed": not failed}
+        out = {
+            "target": args.target,
+            "qdq": [dataclasses.asdict(v) for v in violations],
+            "passed": not failed,
+        }
         if nm_results is not None:
             out["nm"] = [dataclasses.asdict(r) for r in nm_results]
         print(json.dumps(out, indent=2))
     else:
-        print("TensorRT Q/DQ rules: " + format_violations(violations))
+        label = {"tensorrt": "TensorRT", "onnxruntime-cpu": "ONNX Runtime CPU"}[args.target]
+        print(f"{label} Q/DQ rules: " + format_violations(violations))
         if nm_results is not None:
             print(format_nm_results(nm_results, n, m))
     return 1 if failed else 0
@@ -452,8 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("lint", help="check TensorRT Q/DQ placement rules (and N:M sparsity)")
+    p = sub.add_parser("lint", help="check a target's Q/DQ placement rules (and N:M sparsity)")
     p.add_argument("model")
+    p.add_argument(
+        "--target",
+        choices=("tensorrt", "onnxruntime-cpu"),
+        default="tensorrt",
+        help="the runtime the model was quantized for (default tensorrt)",
+    )
     p.add_argument(
         "--nm", metavar="N:M", help="also check N:M sparsity of Conv/Gemm/MatMul weights"
     )
