@@ -3,12 +3,17 @@
     inspect MODEL                 -> analysis.model_cost / analysis.io_info
     optimize MODEL -o OUT ...     -> Pipeline(...).run(model, Context(...)); save_model(...)
     verify REFERENCE CANDIDATE    -> verify.compare(reference, candidate, data)
-    lint MODEL [--nm 2:4]         -> analysis.qdq_lint.lint_qdq / analysis.sparsity_nm.check_nm
+    lint MODEL [--target T]       -> analysis.qdq_lint.lint_qdq / analysis.sparsity_nm.check_nm
     passes                        -> pipeline.available_passes / get_pass
+    snapshot MODEL --data D -o G  -> regress.snapshot(model, data, golden)
+    regress MODEL GOLDEN          -> regress.regress(model, golden, budget=...)
+    build-engine MODEL -o E       -> engine.build_engine(model, engine, EngineConfig(...))
+    bundle MODEL --jetpack V -o D -> jetson.bundle(model, jetpack, folder, ...)
     demo                          -> demo.run_demo()
 
-Exit status: 0 success, 1 `verify` found a difference beyond tolerance or `lint` an
-error-level violation, 2 bad input
+Exit status: 0 success, 1 `verify` found a difference beyond tolerance, `lint` an
+error-level violation, `regress` a regression, `bundle` a failed check or
+`build-engine` an engine whose outputs differ from ONNX Runtime's; 2 bad input
 (missing or corrupt file, wrong data, unknown pass or option, impossible target, an
 output that would overwrite an input, an unwritable output folder):
 one line on stderr naming the cause, and no output file. SIGINT (130) and SIGTERM
@@ -334,13 +339,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    """TensorRT Q/DQ placement rules and, with --nm, the N:M sparsity pattern."""
+    """The Q/DQ rules of --target (TensorRT's by default) and, with --nm, the N:M pattern."""
     from onnxslim_edge.analysis.qdq_lint import format_violations, lint_qdq
     from onnxslim_edge.analysis.sparsity_nm import check_nm, format_nm_results
     from onnxslim_edge.model import load_model
 
     model = load_model(args.model)
-    violations = lint_qdq(model)
+    violations = lint_qdq(model, args.target)
     failed = any(v.severity == "error" for v in violations)
     nm_results = None
     if args.nm:
@@ -353,15 +358,125 @@ def cmd_lint(args: argparse.Namespace) -> int:
         nm_results = check_nm(model, n, m)
         failed = failed or any(not r.ok for r in nm_results)
     if args.json:
-        out = {"qdq": [dataclasses.asdict(v) for v in violations], "passed": not failed}
+        out = {
+            "target": args.target,
+            "qdq": [dataclasses.asdict(v) for v in violations],
+            "passed": not failed,
+        }
         if nm_results is not None:
             out["nm"] = [dataclasses.asdict(r) for r in nm_results]
         print(json.dumps(out, indent=2))
     else:
-        print("TensorRT Q/DQ rules: " + format_violations(violations))
+        label = {"tensorrt": "TensorRT", "onnxruntime-cpu": "ONNX Runtime CPU"}[args.target]
+        print(f"{label} Q/DQ rules: " + format_violations(violations))
         if nm_results is not None:
             print(format_nm_results(nm_results, n, m))
     return 1 if failed else 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from onnxslim_edge.regress import snapshot
+
+    snap = snapshot(
+        args.model,
+        args.data,
+        args.output,
+        samples=args.samples,
+        input_shapes=args.input_shape,
+        latency_runs=args.latency_runs,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    if not args.quiet:
+        sig = snap.signature
+        print(
+            f"wrote {snap.path}: {sig['samples']} sample(s), {sig['nodes']} nodes, "
+            f"{sig['params']} params, {sig['macs']} MACs"
+            + (f", {sig['latency']['median_ms']:.3f} ms median" if sig["latency"] else "")
+        )
+    return 0
+
+
+def _floors(args: argparse.Namespace) -> dict[str, float]:
+    pairs = {
+        "min_cosine": args.min_cosine,
+        "min_sqnr_db": args.min_sqnr,
+        "min_top1_agreement": args.min_top1_agreement,
+        "max_abs_error": args.max_abs_error,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    from onnxslim_edge.regress import regress
+
+    result = regress(
+        args.model,
+        args.golden,
+        budget=args.budget,
+        rtol=args.rtol,
+        atol=args.atol,
+        atol_mode=args.atol_mode,
+        floors=_floors(args),
+        input_shapes=args.input_shape,
+        latency_runs=args.latency_runs,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.to_text())
+    return 0 if result.passed else 1
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from onnxslim_edge.engine import EngineConfig, build_engine, parse_profile
+
+    config = EngineConfig(
+        fp16=args.fp16,
+        int8=args.int8,
+        sparsity=args.sparsity,
+        timing_cache=args.timing_cache,
+        profiles=parse_profile(args.profile) if args.profile else {},
+        workspace_mib=args.workspace,
+    )
+    result = build_engine(
+        args.model,
+        args.output,
+        config,
+        data=args.data,
+        samples=args.samples,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"wrote {result.path} (TensorRT {result.tensorrt_version})")
+        print(result.comparison.to_table())
+        print(("PASS: " if result.passed else "FAIL: ") + result.comparison.summary())
+    return 0 if result.passed else 1
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from onnxslim_edge.engine import parse_profile
+    from onnxslim_edge.jetson import bundle
+
+    result = bundle(
+        args.model,
+        args.jetpack,
+        args.output,
+        data=args.data,
+        samples=args.samples,
+        profiles=parse_profile(args.profile) if args.profile else {},
+        fp16=args.fp16,
+        int8=args.int8,
+        sparsity=args.sparsity,
+        dla=args.dla,
+        force=args.force,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
+    return 0 if result.passed else 1
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -467,13 +582,100 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("lint", help="check TensorRT Q/DQ placement rules (and N:M sparsity)")
+    p = sub.add_parser("lint", help="check a target's Q/DQ placement rules (and N:M sparsity)")
     p.add_argument("model")
+    p.add_argument(
+        "--target",
+        choices=("tensorrt", "onnxruntime-cpu"),
+        default="tensorrt",
+        help="the runtime the model was quantized for (default tensorrt)",
+    )
     p.add_argument(
         "--nm", metavar="N:M", help="also check N:M sparsity of Conv/Gemm/MatMul weights"
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("snapshot", help="record a model's signature and outputs as a golden folder")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="inputs: .npz, folder of .npz/.npy, or 'random'")
+    p.add_argument("-o", "--output", required=True, help="golden folder (written atomically)")
+    p.add_argument(
+        "--latency-runs",
+        type=int,
+        default=0,
+        help="also record a median latency over this many runs (for reading only)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing golden folder")
+    p.add_argument("--samples", type=int, help="record at most this many samples")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("regress", help="compare a model with a golden folder; exit 1 on regression")
+    p.add_argument("model")
+    p.add_argument("golden", help="folder written by snapshot")
+    p.add_argument(
+        "--budget",
+        metavar="KEY=LIMIT,...",
+        help="allowed growth: size, params, macs, nodes, latency; e.g. size=+2%%,macs=0,"
+        "nodes=+0,latency=+10%% (latency timed side by side with the golden model)",
+    )
+    p.add_argument("--rtol", type=float, help="element-wise tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, help="default 1e-5 (x output range, see --atol-mode)")
+    p.add_argument("--atol-mode", choices=("absolute", "range"), default="range")
+    p.add_argument("--min-cosine", type=float, help="fidelity floor instead of rtol/atol")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fidelity floor in dB")
+    p.add_argument("--min-top1-agreement", type=float, help="fidelity floor for logits")
+    p.add_argument("--max-abs-error", type=float, help="fidelity limit")
+    p.add_argument("--latency-runs", type=int, default=30, help="timed runs per model")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_regress)
+
+    def engine_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--fp16", action="store_true", help="allow fp16 kernels")
+        p.add_argument(
+            "--int8", action="store_true", help="int8 from the model's Q/DQ nodes (explicit only)"
+        )
+        p.add_argument("--sparsity", action="store_true", help="use 2:4 sparse weights")
+        p.add_argument(
+            "--profile",
+            action="append",
+            metavar="NAME=MIN:OPT:MAX",
+            help="optimization profile of a dynamic input, e.g. x=1x3x224x224:8x3x224x224:"
+            "16x3x224x224 (repeatable, one per input)",
+        )
+        p.add_argument("--data", help="inputs for the comparison (.npz, folder); default random")
+        p.add_argument("--samples", type=int, default=8, help="samples to compare")
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "build-engine", help="build a TensorRT engine (Polygraphy) and compare it with ONNX Runtime"
+    )
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="engine file (written atomically)")
+    p.add_argument("--timing-cache", metavar="FILE", help="read and update this timing cache")
+    p.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit")
+    p.add_argument(
+        "--rtol", type=float, help="default by precision: fp32 1e-3, fp16 1e-2, int8 5e-2"
+    )
+    p.add_argument("--atol", type=float, help="x output range; default by precision")
+    engine_options(p)
+    p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser(
+        "bundle", help="check a model against a JetPack's TensorRT and write a device hand-off"
+    )
+    p.add_argument("model")
+    p.add_argument("--jetpack", required=True, choices=("5.1", "6.0", "6.1", "6.2", "7"))
+    p.add_argument("-o", "--output", required=True, help="folder (written atomically)")
+    p.add_argument("--dla", action="store_true", help="also check DLA constraints")
+    p.add_argument("--force", action="store_true", help="write the folder despite errors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    engine_options(p)
+    p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("passes", help="list the available passes and their options")
     p.set_defaults(func=cmd_passes)

@@ -23,6 +23,11 @@ LIGHT_MODULES = (
     "onnxslim_edge.model",
     "onnxslim_edge.pipeline",
     "onnxslim_edge.runtime",
+    "onnxslim_edge.regress",
+    "onnxslim_edge.engine",
+    "onnxslim_edge.jetson",
+    "onnxslim_edge.pytest_plugin",
+    "onnxslim_edge.polygraphy_io",
 )
 
 

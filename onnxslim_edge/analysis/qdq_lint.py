@@ -1,4 +1,4 @@
-"""A linter for TensorRT explicit quantization (Q/DQ) on any ONNX model.
+"""A linter for Q/DQ models: TensorRT's explicit-quantization rules, or ONNX Runtime CPU's.
 
 `lint_qdq(model)` checks the main graph of a model, whoever quantized it, against the
 placement and types TensorRT fuses into int8 kernels, and names every violation:
@@ -23,6 +23,19 @@ placement and types TensorRT fuses into int8 kernels, and names every violation:
   pattern TensorRT fuses and passes, as does Add(DQ, DQ).
 - `concat-scale-mismatch`: DequantizeLinear inputs of one Concat with different scales.
 
+Those are TensorRT's rules, and a model quantized for ONNX Runtime's CPU kernels fails
+them by design (uint8 activations with zero points, int32 biases behind
+DequantizeLinear, Q/DQ around Add/Mul/pooling). `lint_qdq(model, target="onnxruntime-cpu")`
+checks what those kernels need instead (`ORT_CPU_RULES`):
+
+- `weight-axis` and `per-tensor-weight` (warning) as above: ONNX Runtime fuses
+  per-channel weights on the output-channel axis;
+- `unfused-type` (warning): a Q/DQ type other than int8/uint8 (an int32 bias excepted):
+  no integer kernel takes it, so the layer runs as float between Q/DQ;
+- `uint8-weights` (warning): uint8 weights (U8U8) run slower than int8 weights (U8S8)
+  on x86;
+- `quantized-output` (warning here): an integer graph output.
+
 Only the main graph is checked (not If/Loop bodies); checks that need a constant
 (scales, zero points, weights) skip tensors computed at run time.
 """
@@ -36,7 +49,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["RULES", "Violation", "format_violations", "lint_qdq"]
+from onnxslim_edge.errors import ConfigError
+
+__all__ = ["ORT_CPU_RULES", "RULES", "TARGETS", "Violation", "format_violations", "lint_qdq"]
 
 #: Every rule the linter checks, with a one-line description.
 RULES = {
@@ -51,6 +66,18 @@ RULES = {
     "residual-skip-unquantized": "the skip input of a residual Add should be Q/DQ'd",
     "concat-scale-mismatch": "Q/DQ inputs of a Concat should share one scale",
 }
+
+#: The rules of the `onnxruntime-cpu` target (`RULES` are TensorRT's).
+ORT_CPU_RULES = {
+    "weight-axis": RULES["weight-axis"],
+    "per-tensor-weight": RULES["per-tensor-weight"],
+    "unfused-type": "Q/DQ types other than int8/uint8 run as float ops, not integer kernels",
+    "uint8-weights": "int8 weights (U8S8) run faster than uint8 weights (U8U8) on x86",
+    "quantized-output": "graph outputs should be float",
+}
+
+#: The targets `lint_qdq` checks for, and their rules.
+TARGETS = {"tensorrt": RULES, "onnxruntime-cpu": ORT_CPU_RULES}
 
 _Q = "QuantizeLinear"
 _DQ = "DequantizeLinear"
@@ -477,12 +504,17 @@ def _check_outputs(g: _Graph, out: list[Violation]) -> None:
             )
 
 
-def lint_qdq(model: onnx.ModelProto) -> list[Violation]:
-    """Every violation of TensorRT's explicit-quantization rules in `model`'s main graph,
-    grouped by check and in graph order within a check. The placement checks
-    (`unquantized-input`, residuals, Concat) run only when the model has any Q/DQ, so a
-    float model gets no violations."""
+def lint_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> list[Violation]:
+    """Every violation of `target`'s Q/DQ rules in `model`'s main graph (see the module
+    docstring), grouped by check and in graph order within a check. For TensorRT the
+    placement checks (`unquantized-input`, residuals, Concat) run only when the model
+    has any Q/DQ, so a float model gets no violations. Raises ConfigError for an
+    unknown target."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown lint target {target!r}; valid: {', '.join(TARGETS)}")
     g = _Graph(model)
+    if target == "onnxruntime-cpu":
+        return _lint_ort_cpu(g)
     has_qdq = bool(_qdq_nodes(g))
     out: list[Violation] = []
     _check_qdq_types(g, out)
@@ -491,6 +523,51 @@ def lint_qdq(model: onnx.ModelProto) -> list[Violation]:
         _check_residuals(g, out)
         _check_concats(g, out)
     _check_outputs(g, out)
+    return out
+
+
+_ORT_FUSED_TYPES = (TensorProto.INT8, TensorProto.UINT8)
+
+
+def _lint_ort_cpu(g: _Graph) -> list[Violation]:
+    out: list[Violation] = []
+    for node in _qdq_nodes(g):
+        qtype = g.quant_type(node)
+        if qtype is None or qtype in _ORT_FUSED_TYPES:
+            continue
+        if qtype == TensorProto.INT32 and _only_bias(g, node):
+            continue  # an int32 bias: what QLinearConv takes
+        name = g.name(node)
+        out.append(
+            Violation(
+                name,
+                "unfused-type",
+                f"{node.op_type} '{name}' uses {TensorProto.DataType.Name(qtype)}; ONNX "
+                "Runtime's CPU integer kernels take int8/uint8, so this runs as float",
+                "warning",
+            )
+        )
+    layers: list[Violation] = []
+    _check_layers(g, False, layers)  # weights only: axis, per-tensor, -128, bias
+    out += [v for v in layers if v.rule in ("weight-axis", "per-tensor-weight")]
+    for node in g.graph.node:
+        if node.op_type not in _WEIGHT_OPS or len(node.input) < 2 or not g.from_dq(node.input[1]):
+            continue
+        dq = g.producer[node.input[1]]
+        if g.is_const(dq.input[0]) and g.quant_type(dq) == TensorProto.UINT8:
+            name = g.name(dq)
+            out.append(
+                Violation(
+                    name,
+                    "uint8-weights",
+                    f"DequantizeLinear '{name}': weight of {node.op_type} '{g.name(node)}' is "
+                    "uint8; int8 weights (U8S8) run faster on x86",
+                    "warning",
+                )
+            )
+    outputs: list[Violation] = []
+    _check_outputs(g, outputs)
+    out += [Violation(v.node, v.rule, v.message, "warning") for v in outputs]
     return out
 
 
