@@ -6,6 +6,8 @@
     Shape(x, start, end), x of static shape =>  initializer shape(x)[start:end]
     If(constant condition)                  =>  the nodes of the branch taken
     initializers with equal dtype, shape and bytes  =>  one initializer
+    equal nodes, known shape chains, Transpose/Reshape/Cast pairs  =>  see `cse`,
+        `shape_fold`, `layout` (`simplify`, repeated with folding until nothing changes)
 
 Folding respects a size budget per folded tensor, so ConstantOfShape/Tile/Expand
 chains that would bloat the model stay computed at run time. onnx-graphsurgeon's
@@ -35,23 +37,12 @@ from onnxslim_edge.graph import (
     output_ids,
     replace_uses,
 )
+from onnxslim_edge.passes.cse import NONDETERMINISTIC_OPS
 from onnxslim_edge.pipeline import Context, Pass, PassReport
 
 __all__ = ["Cleanup", "CleanupConfig"]
 
 log = logging.getLogger(__name__)
-
-#: Ops whose outputs differ between runs: never folded into constants.
-NONDETERMINISTIC_OPS = frozenset(
-    {
-        "RandomNormal",
-        "RandomNormalLike",
-        "RandomUniform",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-    }
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +54,8 @@ class CleanupConfig:
     - `remove_identity`: bypass Identity nodes and inference-mode Dropout nodes.
     - `merge_constants`: make constants with the same dtype, shape and bytes one.
     - `fuse_pad`: `Pad(zeros, spatial axes) -> Conv` becomes one Conv with larger pads.
+    - `simplify`: merge equal nodes, fold shape chains, merge Transpose/Reshape pairs and
+      drop no-op Transpose/Reshape/Cast (passes/cse.py, shape_fold.py, layout.py).
     """
 
     fold_constants: bool = True
@@ -70,9 +63,10 @@ class CleanupConfig:
     remove_identity: bool = True
     merge_constants: bool = True
     fuse_pad: bool = True
+    simplify: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("fold_constants", "remove_identity", "merge_constants", "fuse_pad"):
+        for key in ("fold_constants", "remove_identity", "merge_constants", "fuse_pad", "simplify"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cleanup.{key}: expected true/false, got {getattr(self, key)!r}")
         limit = self.fold_size_limit
@@ -115,6 +109,8 @@ class Cleanup(Pass):
         if cfg.merge_constants:
             _merge_constants(graph, report)
             graph.cleanup()
+        if cfg.simplify:
+            _simplify(graph, cfg, report)
         for key in (
             "pads_fused",
             "identities_removed",
@@ -125,6 +121,42 @@ class Cleanup(Pass):
         ):
             report.count(key, 0)
         return report
+
+
+# --------------------------------------------------------------------------- simplify
+
+_SIMPLIFY_ROUNDS = 6
+
+
+def _simplify(graph: gs.Graph, cfg: CleanupConfig, report: PassReport) -> None:
+    """CSE, shape-chain folding and layout merging, each followed by constant folding
+    and merging, until a round changes nothing (at most `_SIMPLIFY_ROUNDS`)."""
+    from onnxslim_edge.passes.cse import eliminate_common_subexpressions
+    from onnxslim_edge.passes.layout import merge_layout_ops
+    from onnxslim_edge.passes.shape_fold import fold_shape_chains
+
+    for key in ("nodes_merged", "shapes_folded", "reshape_shapes_rewritten"):
+        report.count(key, 0)
+    for _ in range(_SIMPLIFY_ROUNDS):
+        changed = eliminate_common_subexpressions(graph)
+        report.count("nodes_merged", changed)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        shapes = infer_shapes(graph)
+        folded, reshaped = fold_shape_chains(graph, shapes)
+        report.count("shapes_folded", folded)
+        report.count("reshape_shapes_rewritten", reshaped)
+        changed += folded + reshaped
+        for key, n in merge_layout_ops(graph, shapes, _bypass).items():
+            report.count(key, n)
+            changed += n
+        if not changed:
+            break
+        graph.cleanup(remove_unused_graph_inputs=False)
+        if cfg.fold_constants:
+            _fold(graph, cfg.fold_size_limit, _inferred_shapes(graph), report)
+        if cfg.merge_constants:
+            _merge_constants(graph, report)
+            graph.cleanup(remove_unused_graph_inputs=False)
 
 
 # --------------------------------------------------------------------------- pad fusion

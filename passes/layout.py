@@ -1,0 +1,126 @@
+"""Transpose, Reshape and Cast merging for the `cleanup` pass.
+
+    Transpose(x, perm) with perm = 0..n-1               =>  x. Exact.
+    Transpose(Transpose(x, p), q)                        =>  Transpose(x, [p[i] for i in q]),
+                                                             x if that is the identity. Exact.
+    Reshape(Reshape(x, s), t), t a constant without 0   =>  Reshape(x, t). Exact.
+    Reshape(x, s) where x already has that static shape  =>  x. Exact.
+    Cast(x, to=dtype of x)                               =>  x. Exact.
+
+Reshape keeps the elements in order, so a Reshape of a Reshape is one Reshape to the
+last shape, unless that shape copies a dim (0, allowzero=0) of the intermediate tensor.
+Sizes and dtypes come from `onnxslim_edge.graph.infer_shapes`; measured sizes are not
+used. The inner Transpose/Reshape stays when something else reads it. A node whose
+output is a graph output keeps it (see `cleanup._bypass`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim_edge.graph import const_value, output_ids
+
+__all__ = ["merge_layout_ops"]
+
+
+def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> dict[str, int]:
+    """Apply the rewrites above in the graph and its subgraphs; counts by rewrite.
+    `shapes`: `infer_shapes(graph)`; `bypass(scope, node, outputs)` removes a node whose
+    output equals its input, returning why not (None when done)."""
+    outputs = output_ids(graph)
+    counts = {"transposes_merged": 0, "reshapes_merged": 0, "noop_nodes_removed": 0}
+    for scope in (graph, *graph.subgraphs(recursive=True)):
+        scope.toposort(recurse_subgraphs=False)
+        for node in list(scope.nodes):
+            if not node.inputs or not node.outputs or node.inputs[0].is_empty():
+                continue
+            if node.domain not in ("", "ai.onnx", None):
+                continue
+            if node.op == "Transpose":
+                rewrite = _transpose(node, shapes)
+            elif node.op == "Reshape":
+                rewrite = _reshape(node, shapes)
+            elif node.op == "Cast":
+                rewrite = _cast(node, shapes)
+            else:
+                continue
+            if rewrite == "noop":
+                if bypass(scope, node, outputs) is None:
+                    counts["noop_nodes_removed"] += 1
+            elif rewrite:
+                counts[rewrite] += 1
+    return counts
+
+
+def _static(tensor: Any, shapes: dict[str, Any]) -> tuple[int, ...] | None:
+    info = shapes.get(tensor.name)
+    if info is None or info.measured or info.shape is None:
+        return None
+    return info.shape if all(isinstance(d, int) for d in info.shape) else None
+
+
+def _perm(node: Any, shapes: dict[str, Any]) -> list[int] | None:
+    perm = node.attrs.get("perm")
+    if perm is not None:
+        return [int(p) for p in perm]
+    info = shapes.get(node.inputs[0].name)
+    if info is None or info.shape is None:
+        return None
+    return list(range(len(info.shape)))[::-1]  # the default reverses the axes
+
+
+def _transpose(node: Any, shapes: dict[str, Any]) -> str | None:
+    perm = _perm(node, shapes)
+    if perm is None:
+        return None
+    src = node.inputs[0]
+    inner = src.inputs[0] if len(src.inputs) == 1 else None
+    if inner is not None and inner.op == "Transpose" and inner.domain in ("", "ai.onnx", None):
+        first = _perm(inner, shapes)
+        if first is not None and len(first) == len(perm):
+            perm = [first[i] for i in perm]
+            node.inputs[0] = inner.inputs[0]
+            node.attrs["perm"] = perm
+            if perm == list(range(len(perm))):
+                return "noop"
+            return "transposes_merged"
+    return "noop" if perm == list(range(len(perm))) else None
+
+
+def _reshape(node: Any, shapes: dict[str, Any]) -> str | None:
+    if len(node.inputs) != 2:
+        return None
+    src = node.inputs[0]
+    target = const_value(node.inputs[1])
+    if target is None:
+        return None
+    allowzero = node.attrs.get("allowzero", 0)
+    inner = src.inputs[0] if len(src.inputs) == 1 else None
+    if (
+        inner is not None
+        and inner.op == "Reshape"
+        and inner.domain in ("", "ai.onnx", None)
+        and (allowzero or not np.any(target == 0))
+    ):
+        node.inputs[0] = inner.inputs[0]
+        return "reshapes_merged"
+    before, after = _static(src, shapes), _static(node.outputs[0], shapes)
+    if before is not None and before == after:
+        return "noop"
+    return None
+
+
+def _cast(node: Any, shapes: dict[str, Any]) -> str | None:
+    info = shapes.get(node.inputs[0].name)
+    to = node.attrs.get("to")
+    if info is None or info.numpy_dtype is None or not isinstance(to, int):
+        return None
+    try:
+        target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return "noop" if target == info.numpy_dtype and info.dtype == target.name else None
