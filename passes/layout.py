@@ -1,4 +1,4 @@
-"""Transpose, Reshape and Cast merging for the `cleanup` pass.
+"""Transpose, Reshape, Cast and MatMul + Add merging for the `cleanup` pass.
 
     Transpose(x, perm) with perm = 0..n-1               =>  x. Exact.
     Transpose(Transpose(x, p), q)                        =>  Transpose(x, [p[i] for i in q]),
@@ -6,6 +6,8 @@
     Reshape(Reshape(x, s), t), t a constant without 0   =>  Reshape(x, t). Exact.
     Reshape(x, s) where x already has that static shape  =>  x. Exact.
     Cast(x, to=dtype of x)                               =>  x. Exact.
+    Add(MatMul(x, W), b), x 2-D, W and b constants       =>  Gemm(x, W, b). Exact in real
+      arithmetic (the same products and sums; the bias may be added in another order).
 
 Reshape keeps the elements in order, so a Reshape of a Reshape is one Reshape to the
 last shape, unless that shape copies a dim (0, allowzero=0) of the intermediate tensor.
@@ -32,7 +34,12 @@ def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> di
     `shapes`: `infer_shapes(graph)`; `bypass(scope, node, outputs)` removes a node whose
     output equals its input, returning why not (None when done)."""
     outputs = output_ids(graph)
-    counts = {"transposes_merged": 0, "reshapes_merged": 0, "noop_nodes_removed": 0}
+    counts = {
+        "transposes_merged": 0,
+        "reshapes_merged": 0,
+        "noop_nodes_removed": 0,
+        "gemms_fused": 0,
+    }
     for scope in (graph, *graph.subgraphs(recursive=True)):
         scope.toposort(recurse_subgraphs=False)
         for node in list(scope.nodes):
@@ -46,6 +53,8 @@ def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> di
                 rewrite = _reshape(node, shapes)
             elif node.op == "Cast":
                 rewrite = _cast(node, shapes)
+            elif node.op == "Add":
+                rewrite = _gemm(scope, node, shapes, outputs)
             else:
                 continue
             if rewrite == "noop":
@@ -124,3 +133,37 @@ def _cast(node: Any, shapes: dict[str, Any]) -> str | None:
     except (KeyError, TypeError, ValueError):
         return None
     return "noop" if target == info.numpy_dtype and info.dtype == target.name else None
+
+
+def _gemm(scope: gs.Graph, add: Any, shapes: dict[str, Any], outputs: set[int]) -> str | None:
+    """Fuse `Add(MatMul(x, W), b)` into a Gemm when x is 2-D and W, b constants."""
+    if len(add.inputs) != 2 or len(add.outputs) != 1:
+        return None
+    for mm_out, bias in (add.inputs, add.inputs[::-1]):
+        matmul = mm_out.inputs[0] if len(mm_out.inputs) == 1 else None
+        if matmul is None or matmul.op != "MatMul" or matmul.domain not in ("", "ai.onnx", None):
+            continue
+        if id(mm_out) in outputs or len(mm_out.outputs) != 1:
+            continue
+        x, weight = matmul.inputs
+        w, b = const_value(weight), const_value(bias)
+        info = shapes.get(x.name)
+        if w is None or b is None or info is None or info.measured or info.shape is None:
+            continue
+        if len(info.shape) != 2 or w.ndim != 2 or w.dtype not in _GEMM_DTYPES:
+            continue
+        if b.dtype != w.dtype or b.ndim > 2 or (b.ndim and b.shape[-1] not in (1, w.shape[1])):
+            continue
+        if b.ndim == 2 and b.shape[0] != 1:
+            continue  # (M, N) biases need M known; not worth it
+        out = add.outputs[0]
+        for node in (add, matmul):
+            node.inputs.clear()
+            node.outputs.clear()
+        gemm = gs.Node("Gemm", name=f"{matmul.name}_gemm", inputs=[x, weight, bias], outputs=[out])
+        scope.nodes.append(gemm)
+        return "gemms_fused"
+    return None
+
+
+_GEMM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
