@@ -8,6 +8,8 @@
     Cast(x, to=dtype of x)                               =>  x. Exact.
     Add(MatMul(x, W), b), x 2-D, W and b constants       =>  Gemm(x, W, b). Exact in real
       arithmetic (the same products and sums; the bias may be added in another order).
+    LSTM/GRU/RNN(..., initial_h = zeros, initial_c = zeros)  =>  the input omitted. Exact:
+      omitted initial states are zero (ONNX spec); exports build them with ConstantOfShape.
 
 Reshape keeps the elements in order, so a Reshape of a Reshape is one Reshape to the
 last shape, unless that shape copies a dim (0, allowzero=0) of the intermediate tensor.
@@ -39,6 +41,7 @@ def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> di
         "reshapes_merged": 0,
         "noop_nodes_removed": 0,
         "gemms_fused": 0,
+        "zero_states_dropped": 0,
     }
     for scope in (graph, *graph.subgraphs(recursive=True)):
         scope.toposort(recurse_subgraphs=False)
@@ -55,6 +58,8 @@ def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> di
                 rewrite = _cast(node, shapes)
             elif node.op == "Add":
                 rewrite = _gemm(scope, node, shapes, outputs)
+            elif node.op in _RECURRENT_STATES:
+                rewrite = _zero_states(node)
             else:
                 continue
             if rewrite == "noop":
@@ -167,3 +172,35 @@ def _gemm(scope: gs.Graph, add: Any, shapes: dict[str, Any], outputs: set[int]) 
 
 
 _GEMM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+#: Recurrent ops and the input indices of their initial states.
+_RECURRENT_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
+
+
+def _zero_states(node: Any) -> str | None:
+    """Omit initial-state inputs that are all zeros (ConstantOfShape(0) or a constant)."""
+    dropped = False
+    for index in _RECURRENT_STATES[node.op]:
+        if index >= len(node.inputs) or node.inputs[index].is_empty():
+            continue
+        if _is_zeros(node.inputs[index]):
+            node.inputs[index] = gs.Variable.empty()
+            dropped = True
+    while node.inputs and node.inputs[-1].is_empty():
+        node.inputs.pop()
+    return "zero_states_dropped" if dropped else None
+
+
+def _is_zeros(tensor: Any) -> bool:
+    value = const_value(tensor)
+    if value is not None:
+        return value.size > 0 and not np.any(value)
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or producer.op != "ConstantOfShape":
+        return False
+    fill = producer.attrs.get("value")
+    if fill is None:
+        return True  # the default fill is a float32 zero
+    fill = np.asarray(fill.values if isinstance(fill, gs.Constant) else fill)
+    return not np.any(fill)

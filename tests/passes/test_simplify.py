@@ -291,6 +291,40 @@ def test_matmul_add_on_2d_input_becomes_gemm() -> None:
     _at_sizes(model, cleaned, {"x": (1, 4), "z": (1, 2, 4)}, {"x": (6, 4), "z": (3, 2, 4)})
 
 
+def test_zero_initial_states_of_recurrent_ops_are_omitted() -> None:
+    """LSTM(x, W, R, B, _, h0 = ConstantOfShape([2, N, 3]) of zeros, c0 likewise) -> no h0/c0."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        *_shape_gather("x", 1, "n"),
+        helper.make_node("Concat", ["two", "n", "three"], ["state_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["state_shape"], ["h0"]),
+        helper.make_node(
+            "ConstantOfShape", ["state_shape"], ["c0"], value=_init("z", np.zeros(1, np.float32))
+        ),
+        helper.make_node(
+            "LSTM",
+            ["x", "w", "r", "b", "", "h0", "c0"],
+            ["y"],
+            hidden_size=3,
+            direction="bidirectional",
+        ),
+    ]
+    inits = [
+        *_index_inits(1),
+        _ints("two", [2]),
+        _ints("three", [3]),
+        _init("w", rng.standard_normal((2, 12, 4)).astype(np.float32)),
+        _init("r", rng.standard_normal((2, 12, 3)).astype(np.float32)),
+        _init("b", rng.standard_normal((2, 24)).astype(np.float32)),
+    ]
+    model = _model(nodes, {"x": ("t", "n", 4)}, ["y"], inits)
+    cleaned, report = _clean(model)
+    assert _ops(cleaned) == ["LSTM"]
+    assert report.counters["zero_states_dropped"] == 1
+    assert list(cleaned.graph.node[0].input) == ["x", "w", "r", "b"]
+    _at_sizes(model, cleaned, {"x": (5, 1, 4)}, {"x": (3, 4, 4)})
+
+
 # --------------------------------------------------------------------------- torch exports
 
 
