@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_edge.graph import const_value, output_ids, replace_uses
+from onnxslim_edge.graph import const_value, output_ids, replace_uses, unique_name
 
 __all__ = ["fold_shape_chains"]
 
@@ -57,10 +57,17 @@ def fold_shape_chains(graph: gs.Graph, shapes: dict[str, Any]) -> tuple[int, int
     Reshape shapes rewritten)."""
     outputs = output_ids(graph)
     evaluator = _Evaluator(shapes)
+    names: set[str] = set()
+    for scope in (graph, *graph.subgraphs(recursive=True)):
+        names.update(scope.tensors())
+
+    def constant(base: str, array: np.ndarray) -> gs.Constant:
+        return gs.Constant(unique_name(graph, f"{base}_folded", names), array)
+
     folded = reshaped = 0
     for scope in (graph, *graph.subgraphs(recursive=True)):
         for node in list(scope.nodes):
-            if node.op == "Reshape" and _rewrite_reshape(node, evaluator, shapes):
+            if node.op == "Reshape" and _rewrite_reshape(node, evaluator, shapes, constant):
                 reshaped += 1
                 continue
             for out in node.outputs:
@@ -73,7 +80,7 @@ def fold_shape_chains(graph: gs.Graph, shapes: dict[str, Any]) -> tuple[int, int
                     continue
                 dtype = _dtype_of(out, shapes)
                 array = np.array(value[1], dtype=dtype)
-                const = gs.Constant(f"{out.name}_folded", array.reshape(()) if value[0] else array)
+                const = constant(out.name, array.reshape(()) if value[0] else array)
                 replace_uses(out, const)
                 folded += 1
     return folded, reshaped
@@ -85,7 +92,9 @@ def _dtype_of(tensor: Any, shapes: dict[str, Any]) -> type:
     return np.int32 if dtype == np.dtype(np.int32) else np.int64
 
 
-def _rewrite_reshape(node: Any, evaluator: _Evaluator, shapes: dict[str, Any]) -> bool:
+def _rewrite_reshape(
+    node: Any, evaluator: _Evaluator, shapes: dict[str, Any], constant: Any
+) -> bool:
     if len(node.inputs) != 2 or node.attrs.get("allowzero", 0):
         return False
     data, target = node.inputs
@@ -117,7 +126,7 @@ def _rewrite_reshape(node: Any, evaluator: _Evaluator, shapes: dict[str, Any]) -
             new.append(-1)
     if free > 1:
         return False
-    node.inputs[1] = gs.Constant(f"{target.name}_folded", np.array(new, dtype=np.int64))
+    node.inputs[1] = constant(target.name, np.array(new, dtype=np.int64))
     return True
 
 

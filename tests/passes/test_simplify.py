@@ -192,6 +192,30 @@ def test_one_unknown_dim_becomes_minus_one() -> None:
     _at_sizes(model, cleaned, {"x": (3, 8), "y": (3,)}, {"x": (9, 8), "y": (9,)})
 
 
+def test_one_shape_read_by_two_reshapes_gets_two_constants() -> None:
+    """The same computed shape becomes [0, 3, 4] for x and [-1, 3, 4] for y (other symbol):
+    two constants with distinct names (the checker refuses duplicates)."""
+    nodes = [
+        *_shape_gather("x", 0, "d0"),
+        helper.make_node("Concat", ["d0", "rest"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["rx"]),
+        helper.make_node("Reshape", ["y", "shape"], ["ry"]),
+        helper.make_node("Add", ["rx", "ry"], ["out"]),
+    ]
+    inits = [*_index_inits(0), _ints("rest", [3, 4])]
+    model = _model(nodes, {"x": ("n", 12), "y": ("m", 12)}, ["out"], inits)
+    cleaned, _ = _clean(model)
+    targets = {
+        n.input[0]: numpy_helper.to_array(
+            next(t for t in cleaned.graph.initializer if t.name == n.input[1])
+        ).tolist()
+        for n in cleaned.graph.node
+        if n.op_type == "Reshape"
+    }
+    assert targets == {"x": [0, 3, 4], "y": [-1, 3, 4]}
+    _at_sizes(model, cleaned, {"x": (2, 12), "y": (2, 12)}, {"x": (5, 12), "y": (5, 12)})
+
+
 def test_two_unknown_dims_stay_computed() -> None:
     """x (N, T, 8) -> [dim1, dim0, 8]: two dims neither copied nor inferable: kept."""
     nodes = [
