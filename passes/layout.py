@@ -32,7 +32,8 @@ __all__ = ["merge_layout_ops"]
 
 
 def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> dict[str, int]:
-    """Apply the rewrites above in the graph and its subgraphs; counts by rewrite.
+    """Apply the rewrites above in the main graph (not in subgraphs: sizes are looked up
+    by name, and sibling If branches may reuse a name); counts by rewrite.
     `shapes`: `infer_shapes(graph)`; `bypass(scope, node, outputs)` removes a node whose
     output equals its input, returning why not (None when done)."""
     outputs = output_ids(graph)
@@ -43,7 +44,7 @@ def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> di
         "gemms_fused": 0,
         "zero_states_dropped": 0,
     }
-    for scope in (graph, *graph.subgraphs(recursive=True)):
+    for scope in (graph,):  # sizes are by name: sibling branches may reuse names
         scope.toposort(recurse_subgraphs=False)
         for node in list(scope.nodes):
             if not node.inputs or not node.outputs or node.inputs[0].is_empty():
@@ -56,7 +57,7 @@ def merge_layout_ops(graph: gs.Graph, shapes: dict[str, Any], bypass: Any) -> di
                 rewrite = _reshape(node, shapes)
             elif node.op == "Cast":
                 rewrite = _cast(node, shapes)
-            elif node.op == "Add":
+            elif node.op == "Add" and (graph.opset or 0) >= 7:  # Gemm broadcasts C since 7
                 rewrite = _gemm(scope, node, shapes, outputs)
             elif node.op in _RECURRENT_STATES:
                 rewrite = _zero_states(node)

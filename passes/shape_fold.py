@@ -52,8 +52,9 @@ _Value = tuple[bool, tuple["int | _Dim", ...]]
 
 
 def fold_shape_chains(graph: gs.Graph, shapes: dict[str, Any]) -> tuple[int, int]:
-    """Fold known shape chains and rewrite Reshape shapes (see module doc), in the graph
-    and its subgraphs. `shapes`: `infer_shapes(graph)`. Returns (tensors made constant,
+    """Fold known shape chains and rewrite Reshape shapes (see module doc) in the main
+    graph (subgraphs are left alone: sizes are looked up by name, and sibling If branches
+    may reuse a name). `shapes`: `infer_shapes(graph)`. Returns (tensors made constant,
     Reshape shapes rewritten)."""
     outputs = output_ids(graph)
     evaluator = _Evaluator(shapes)
@@ -65,7 +66,7 @@ def fold_shape_chains(graph: gs.Graph, shapes: dict[str, Any]) -> tuple[int, int
         return gs.Constant(unique_name(graph, f"{base}_folded", names), array)
 
     folded = reshaped = 0
-    for scope in (graph, *graph.subgraphs(recursive=True)):
+    for scope in (graph,):  # sizes are by name: sibling branches may reuse names
         for node in list(scope.nodes):
             if node.op == "Reshape" and _rewrite_reshape(node, evaluator, shapes, constant):
                 reshaped += 1
