@@ -6,7 +6,7 @@
     Shape(x, start, end), x of static shape =>  initializer shape(x)[start:end]
     If(constant condition)                  =>  the nodes of the branch taken
     initializers with equal dtype, shape and bytes  =>  one initializer
-    equal nodes, known shape chains, Transpose/Reshape/Cast pairs  =>  see `cse`,
+    equal nodes, known shape chains, Transpose/Reshape/Cast/Gemm  =>  see `cse`,
         `shape_fold`, `layout` (`simplify`, repeated with folding until nothing changes)
 
 Folding respects a size budget per folded tensor, so ConstantOfShape/Tile/Expand
@@ -54,8 +54,9 @@ class CleanupConfig:
     - `remove_identity`: bypass Identity nodes and inference-mode Dropout nodes.
     - `merge_constants`: make constants with the same dtype, shape and bytes one.
     - `fuse_pad`: `Pad(zeros, spatial axes) -> Conv` becomes one Conv with larger pads.
-    - `simplify`: merge equal nodes, fold shape chains, merge Transpose/Reshape pairs and
-      drop no-op Transpose/Reshape/Cast (passes/cse.py, shape_fold.py, layout.py).
+    - `simplify`: merge equal nodes, fold shape chains (symbolic dims kept), merge
+      Transpose/Reshape pairs, drop no-op Transpose/Reshape/Cast, fuse MatMul + Add into
+      Gemm, omit zero LSTM/GRU/RNN initial states (passes/cse.py, shape_fold.py, layout.py).
     """
 
     fold_constants: bool = True
@@ -75,9 +76,11 @@ class CleanupConfig:
 
 
 class Cleanup(Pass):
-    """Identity/Dropout removal, dead-node removal, budgeted constant folding and
-    duplicate-constant merging. Exact: removed nodes are copies, merged constants are
-    bytewise equal, and folded values are what ONNX Runtime computes for those nodes.
+    """Identity/Dropout removal, dead-node removal, budgeted constant folding,
+    duplicate-constant merging, common-subexpression elimination and shape-chain folding.
+    Exact: removed nodes are copies, merged constants are bytewise equal, and folded
+    values are what ONNX Runtime computes for those nodes (the `simplify` rewrites are
+    exact as their modules state).
 
     Graph input and output names never change: an Identity that copies a graph input
     or output to a graph output is kept. Dropout is removed only when it cannot be in
@@ -86,7 +89,10 @@ class Cleanup(Pass):
 
     Counters: `identities_removed`, `dropouts_removed`, `dead_nodes_removed`, `folded`
     (nodes replaced by constants), `ifs_flattened` (If nodes with a constant condition
-    replaced by their branch), `constants_merged`.
+    replaced by their branch), `constants_merged`, `pads_fused`; with `simplify`:
+    `nodes_merged` (CSE), `shapes_folded`, `reshape_shapes_rewritten`,
+    `transposes_merged`, `reshapes_merged`, `noop_nodes_removed`, `gemms_fused`,
+    `zero_states_dropped`.
     """
 
     name: ClassVar[str] = "cleanup"
