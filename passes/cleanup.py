@@ -6,6 +6,8 @@
     Shape(x, start, end), x of static shape =>  initializer shape(x)[start:end]
     If(constant condition)                  =>  the nodes of the branch taken
     initializers with equal dtype, shape and bytes  =>  one initializer
+    equal nodes, known shape chains, Transpose/Reshape/Cast/Gemm  =>  see `cse`,
+        `shape_fold`, `layout` (`simplify`, repeated with folding until nothing changes)
 
 Folding respects a size budget per folded tensor, so ConstantOfShape/Tile/Expand
 chains that would bloat the model stay computed at run time. onnx-graphsurgeon's
@@ -35,23 +37,12 @@ from onnxslim_edge.graph import (
     output_ids,
     replace_uses,
 )
+from onnxslim_edge.passes.cse import NONDETERMINISTIC_OPS
 from onnxslim_edge.pipeline import Context, Pass, PassReport
 
 __all__ = ["Cleanup", "CleanupConfig"]
 
 log = logging.getLogger(__name__)
-
-#: Ops whose outputs differ between runs: never folded into constants.
-NONDETERMINISTIC_OPS = frozenset(
-    {
-        "RandomNormal",
-        "RandomNormalLike",
-        "RandomUniform",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-    }
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +54,9 @@ class CleanupConfig:
     - `remove_identity`: bypass Identity nodes and inference-mode Dropout nodes.
     - `merge_constants`: make constants with the same dtype, shape and bytes one.
     - `fuse_pad`: `Pad(zeros, spatial axes) -> Conv` becomes one Conv with larger pads.
+    - `simplify`: merge equal nodes, fold shape chains (symbolic dims kept), merge
+      Transpose/Reshape pairs, drop no-op Transpose/Reshape/Cast, fuse MatMul + Add into
+      Gemm, omit zero LSTM/GRU/RNN initial states (passes/cse.py, shape_fold.py, layout.py).
     """
 
     fold_constants: bool = True
@@ -70,9 +64,10 @@ class CleanupConfig:
     remove_identity: bool = True
     merge_constants: bool = True
     fuse_pad: bool = True
+    simplify: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("fold_constants", "remove_identity", "merge_constants", "fuse_pad"):
+        for key in ("fold_constants", "remove_identity", "merge_constants", "fuse_pad", "simplify"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cleanup.{key}: expected true/false, got {getattr(self, key)!r}")
         limit = self.fold_size_limit
@@ -81,9 +76,11 @@ class CleanupConfig:
 
 
 class Cleanup(Pass):
-    """Identity/Dropout removal, dead-node removal, budgeted constant folding and
-    duplicate-constant merging. Exact: removed nodes are copies, merged constants are
-    bytewise equal, and folded values are what ONNX Runtime computes for those nodes.
+    """Identity/Dropout removal, dead-node removal, budgeted constant folding,
+    duplicate-constant merging, common-subexpression elimination and shape-chain folding.
+    Exact: removed nodes are copies, merged constants are bytewise equal, and folded
+    values are what ONNX Runtime computes for those nodes (the `simplify` rewrites are
+    exact as their modules state).
 
     Graph input and output names never change: an Identity that copies a graph input
     or output to a graph output is kept. Dropout is removed only when it cannot be in
@@ -92,7 +89,10 @@ class Cleanup(Pass):
 
     Counters: `identities_removed`, `dropouts_removed`, `dead_nodes_removed`, `folded`
     (nodes replaced by constants), `ifs_flattened` (If nodes with a constant condition
-    replaced by their branch), `constants_merged`.
+    replaced by their branch), `constants_merged`, `pads_fused`; with `simplify`:
+    `nodes_merged` (CSE), `shapes_folded`, `reshape_shapes_rewritten`,
+    `transposes_merged`, `reshapes_merged`, `noop_nodes_removed`, `gemms_fused`,
+    `zero_states_dropped`.
     """
 
     name: ClassVar[str] = "cleanup"
@@ -115,6 +115,8 @@ class Cleanup(Pass):
         if cfg.merge_constants:
             _merge_constants(graph, report)
             graph.cleanup()
+        if cfg.simplify:
+            _simplify(graph, cfg, report)
         for key in (
             "pads_fused",
             "identities_removed",
@@ -125,6 +127,42 @@ class Cleanup(Pass):
         ):
             report.count(key, 0)
         return report
+
+
+# --------------------------------------------------------------------------- simplify
+
+_SIMPLIFY_ROUNDS = 6
+
+
+def _simplify(graph: gs.Graph, cfg: CleanupConfig, report: PassReport) -> None:
+    """CSE, shape-chain folding and layout merging, each followed by constant folding
+    and merging, until a round changes nothing (at most `_SIMPLIFY_ROUNDS`)."""
+    from onnxslim_edge.passes.cse import eliminate_common_subexpressions
+    from onnxslim_edge.passes.layout import merge_layout_ops
+    from onnxslim_edge.passes.shape_fold import fold_shape_chains
+
+    for key in ("nodes_merged", "shapes_folded", "reshape_shapes_rewritten"):
+        report.count(key, 0)
+    for _ in range(_SIMPLIFY_ROUNDS):
+        changed = eliminate_common_subexpressions(graph)
+        report.count("nodes_merged", changed)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        shapes = infer_shapes(graph)
+        folded, reshaped = fold_shape_chains(graph, shapes)
+        report.count("shapes_folded", folded)
+        report.count("reshape_shapes_rewritten", reshaped)
+        changed += folded + reshaped
+        for key, n in merge_layout_ops(graph, shapes, _bypass).items():
+            report.count(key, n)
+            changed += n
+        if not changed:
+            break
+        graph.cleanup(remove_unused_graph_inputs=False)
+        if cfg.fold_constants:
+            _fold(graph, cfg.fold_size_limit, _inferred_shapes(graph), report)
+        if cfg.merge_constants:
+            _merge_constants(graph, report)
+            graph.cleanup(remove_unused_graph_inputs=False)
 
 
 # --------------------------------------------------------------------------- pad fusion
