@@ -31,12 +31,21 @@ With `consumer_ranges` (default) a tensor whose readers are all flat past some b
 them) gets its calibrated range narrowed to the part they can tell apart
 (`ranges.useful_range`).
 
+In a transformer, the onnxruntime-cpu layout leaves `placement.float_region` in float
+(LayerNorm, Softmax, GELU, the attention mask, residual sums: an asymmetric uint8 grid
+over a -10000 mask destroyed the attention scores); a tensor that took inf/NaN in
+calibration is never quantized.
+
 Lossy: its error measure is the output fidelity against the float model (SQNR,
-cosine, top-1 agreement, measured by `onnxslim_edge.verify.Evaluator`). With a floor
-set (`min_sqnr_db`, `min_cosine`, `min_top1_agreement`) the pass measures the fully
-quantized model on the calibration data and, when it misses the floor, leaves the most
-sensitive layers in float (ranked by `sensitivity.rank_layers`) one by one until the
-floor is met, or raises FidelityError after `fallback_max_layers`.
+cosine, top-1 agreement, measured by `onnxslim_edge.verify.Evaluator`). The pass
+always measures the fully quantized model (the fidelity guard, `fidelity_guard`):
+against the floors set (`min_sqnr_db`, `min_cosine`, `min_top1_agreement`), else the
+default floors `config.DEFAULT_FLOORS` (cosine 0.95, SQNR 10 dB), on `guard_samples`
+samples held back after the calibration samples when the data has them, else on
+calibration samples. When it misses a floor it leaves the most sensitive layers in
+float (ranked by `sensitivity.rank_layers`) one by one until the floor is met, or
+raises FidelityError after `fallback_max_layers`: never a model below the floors
+without a word.
 
 This module holds only the pass; the parts live beside it: `config` (options),
 `numerics` (int8 arithmetic), `placement` (what goes where), `ranges` (range
@@ -92,8 +101,8 @@ class Quantize(Pass):
     Scope: layers whose activation input is float32 and whose weight is a float32
     constant (or, for MatMul/Gemm, a second float32 activation); see the module
     docstring for the placement per target. Lossy: the report gives per-layer scales
-    and ranges, what was kept in float and why, and with a floor set the fidelity
-    (SQNR, cosine, top-1 agreement against the float model on the calibration data).
+    and ranges, what was kept in float and why, and the fidelity the guard measured
+    (SQNR, cosine, top-1 agreement against the float model, and on which samples).
     """
 
     name = "quantize"
@@ -151,24 +160,54 @@ class Quantize(Pass):
             if name not in known:
                 report.warn(f"override for '{name}': not a quantized tensor")
         excluded = set(exclusions)
+        guard: dict[str, Any] = {}
         if cfg.floors:
-            excluded = self._fallback(quantizer, source, excluded, report)
+            evaluator, where = self._evaluator(quantizer, source, ctx)
+            excluded = self._fallback(quantizer, evaluator, where, excluded, report, guard)
         quantizer.apply(graph, excluded, report=report)
+        if guard:  # after the per-layer details
+            report.detail(**guard)
         quantizer.save_cache()
         return report
 
+    def _evaluator(self, quantizer: Quantizer, source: Any, ctx: Context) -> tuple[Evaluator, str]:
+        """The evaluator the floors are checked with, and which samples it holds: the
+        `guard_samples` samples after the calibration samples when the data has them
+        ("held-back"), else the first calibration samples (`EVAL_SAMPLES` with a floor
+        set in the options, `guard_samples` for the default guard alone)."""
+        cfg: QuantizeConfig = self.config
+        held = _held_back(ctx, quantizer.model, cfg.max_calibration_samples, cfg.guard_samples)
+        if held:
+            return Evaluator(quantizer.model, held, batch_size=source.batch_size), "held-back"
+        n = EVAL_SAMPLES if cfg.user_floors else cfg.guard_samples
+        evaluator = Evaluator(quantizer.model, source, max_samples=n, batch_size=source.batch_size)
+        return evaluator, "calibration"
+
     def _fallback(
-        self, quantizer: Quantizer, source: Any, excluded: set[str], report: PassReport
+        self,
+        quantizer: Quantizer,
+        evaluator: Evaluator,
+        where: str,
+        excluded: set[str],
+        report: PassReport,
+        guard: dict[str, Any],
     ) -> set[str]:
+        """Measure the quantized model; below a floor, keep the most sensitive layers in
+        float one by one until it holds, or raise FidelityError. The measurement goes
+        into `guard` (the report's `fidelity` detail)."""
         cfg: QuantizeConfig = self.config
         floors = cfg.floors
-        evaluator = Evaluator(
-            quantizer.model, source, max_samples=EVAL_SAMPLES, batch_size=source.batch_size
-        )
+        if not evaluator.samples:
+            report.warn(
+                "fidelity guard: no samples to measure (the data cannot be read twice); "
+                "the quantized model is unchecked"
+            )
+            return excluded
         fid = evaluator.score(quantizer.build(excluded))
         misses = fid.misses(floors)
         kept: list[tuple[str, float | None]] = []
         if misses:
+            first_miss = misses[0]
             ranking = rank_layers(
                 quantizer.layers(excluded),
                 lambda node: quantizer.build(excluded, only=[node]),
@@ -182,11 +221,26 @@ class Quantize(Pass):
                 misses = fid.misses(floors)
                 if not misses:
                     break
-        report.detail(
-            fidelity=_fidelity_detail(fid), floors=floors, kept_float=[k for k, _ in kept]
+            if not misses:
+                report.warn(
+                    f"fidelity floor missed with every layer quantized ({first_miss}); "
+                    f"met with {len(kept)} layer(s) kept in float"
+                )
+        guard.update(
+            fidelity=_fidelity_detail(fid),
+            floors=floors,
+            kept_float=[k for k, _ in kept],
+            fidelity_samples=evaluator.samples,
+            fidelity_data=where,
         )
         if misses:
+            report.detail(**guard)
             floor_text = ", ".join(f"{k}={v:g}" for k, v in floors.items())
+            if not cfg.user_floors:
+                floor_text += (
+                    " (the fidelity guard's default floors: set min_cosine/min_sqnr_db to "
+                    "change them, fidelity_guard=false to skip the check)"
+                )
             raise FidelityError(
                 f"quantize: cannot meet {floor_text} with {len(kept)} layer(s) kept in float "
                 f"(fallback_max_layers={cfg.fallback_max_layers}): {misses[0]}"
@@ -201,6 +255,32 @@ class Quantize(Pass):
             )
         report.count("fallback_layers", len(kept))
         return excluded
+
+
+def _held_back(ctx: Context, model: Any, skip: int | None, count: int) -> list[dict[str, Any]]:
+    """Feeds of the `count` samples after the first `skip` (the calibration samples),
+    or [] when the data has no more (or `skip` is None: every sample calibrates)."""
+    from onnxslim_edge.data import open_data
+
+    if skip is None:
+        return []
+    source = open_data(
+        ctx.data,
+        model,
+        batch_size=_DEFAULT_BATCH,
+        limit=skip + count,
+        input_shapes=ctx.input_shapes,
+        seed=ctx.seed,
+    )
+    if source.num_samples is not None and source.num_samples <= skip:
+        return []  # known without reading it again
+    feeds, seen = [], 0
+    for n, feed in source.counted():
+        start = max(0, skip - seen)
+        seen += n
+        if start < n:
+            feeds.append({k: v[start:] for k, v in feed.items()})
+    return feeds
 
 
 _PER_OUTPUT = ("sqnr_db", "cosine", "top1_agreement", "kl_divergence", "nonfinite_mismatches")
