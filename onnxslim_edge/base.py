@@ -49,8 +49,13 @@ class FidelityError(OnnxSlimEdgeError):
 class ModelState:
     """One model between passes, with its fingerprint and cost computed once, on demand."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+    ) -> None:
         self.model = model
+        #: Shapes MACs are counted at (the run's resolved shapes; inputs the model lacks
+        #: are dropped).
+        self.input_shapes = input_shapes
         self._fingerprint: str | None = None
         self._cost: dict[str, int] | None = None
 
@@ -65,7 +70,9 @@ class ModelState:
         if self._cost is None:
             from onnxslim_edge.analysis.cost import model_cost
 
-            c = model_cost(self.model, fingerprint=self.fingerprint)
+            names = {vi.name for vi in self.model.graph.input}
+            shapes = {k: v for k, v in (self.input_shapes or {}).items() if k in names}
+            c = model_cost(self.model, shapes or None, fingerprint=self.fingerprint)
             self._cost = {
                 "nodes": c.nodes,
                 "params": c.params,
@@ -149,7 +156,7 @@ class Pass(abc.ABC):
             ctx.reference = current
         checks = Checks()
         checks.start(current, ctx)
-        state, report = self.apply(ModelState(current), ctx, checks)
+        state, report = self.apply(ModelState(current, ctx.cost_shapes(current)), ctx, checks)
         return PassResult(state.model, report)
 
     def __repr__(self) -> str:
@@ -176,7 +183,7 @@ def run_pass(
     except Exception as exc:
         raise RuntimeError(f"pass '{p.name}' failed: {exc}") from exc
     wall = time.perf_counter() - t0
-    new_state = ModelState(new_model)
+    new_state = ModelState(new_model, state.input_shapes)
     before_ids = {id(n) for n in before_nodes}
     after_ids = {id(n) for n in graph.nodes}
     measure(
@@ -246,8 +253,23 @@ class Checks:
         self.data: _CheckData | None = None
 
     def start(self, original: onnx.ModelProto, ctx: Context) -> None:
-        """Compare on inputs for `original` (read on first use) from now on."""
+        """Compare on inputs for `original` (read on first use) from now on, and resolve
+        the run's input shapes (`ctx.resolved`; see `analysis.resolve`): explicit > the
+        data's > metadata > a ladder validated on `original`. An assumed shape is a
+        warning."""
+        from onnxslim_edge.analysis.resolve import resolve_input_shapes
+
         self.data = _CheckData(original, ctx, self.max_samples)
+        data = self.data
+        ctx.resolved = resolve_input_shapes(
+            original,
+            ctx.input_shapes,
+            None
+            if ctx.data is None or (isinstance(ctx.data, str) and ctx.data == "random")
+            else (lambda: data.get()),
+        )
+        for warning in ctx.resolved.warnings:
+            log.warning("%s", warning)
 
     def validate(self, model: onnx.ModelProto, name: str) -> None:
         if self.validate_mode == "none":
@@ -345,7 +367,7 @@ class _CheckData:
                 spec,
                 self._model,
                 limit=self._max if spec == "random" else None,
-                input_shapes=self._ctx.input_shapes,
+                input_shapes=self._ctx.data_shapes(self._model),
                 seed=self._ctx.seed,
             )
         return self._source

@@ -175,8 +175,10 @@ class Pipeline(Pass):
             ctx.reference = original
         self.checks.start(original, ctx)
         start = time.perf_counter()
-        state = ModelState(original)
-        report = PipelineReport(target=ctx.target.name, cost_before=state.cost)
+        state = ModelState(original, ctx.cost_shapes(original))
+        report = PipelineReport(
+            target=ctx.target.name, cost_before=state.cost, input_shapes=ctx.resolved.to_dict()
+        )
         state, report.passes = self._run_passes(state, ctx, progress=ctx.progress)
         report.cost_after = state.cost
         if self.floors:
