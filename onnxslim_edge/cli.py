@@ -172,10 +172,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "params": cost.params,
         "size_bytes": cost.size_bytes,
         "macs": cost.macs,
+        "macs_by_op": cost.macs_by_op,
         "input_shapes": resolved.to_dict(),
         "nodes": cost.nodes,
         "ops": cost.ops,
         "weight_sparsity": cost.sparsity,
+        "cost_notes": cost.notes,
         "inputs": [_tensor_json(t) for t in inputs],
         "outputs": [_tensor_json(t) for t in outputs],
     }
@@ -191,6 +193,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {key:<12}{_human(info[key], key)}")
     if resolved.symbolic:
         print(f"  {'at shapes':<12}{resolved.describe()}")
+    for note in cost.notes:
+        print(f"  {'note':<12}{note}")
     print(f"  {'sparsity':<12}{cost.sparsity:.1%}")
     for kind in ("inputs", "outputs"):
         for t in info[kind]:
