@@ -392,13 +392,11 @@ def model_cost(
     shapes = {name: info.shape for name, info in infos.items()}
     weights = _weights(model)
 
-    by_op: Counter[str] = Counter()
-    notes: list[str] = []
-    consts = _int_constants(model)
+    counter = _MacCounter(shapes, _int_constants(model))
     per_node = []
     total_macs = 0
     for i, node in enumerate(model.graph.node):
-        macs = _node_macs(node, shapes, consts, by_op, notes, 1)
+        macs = counter.node(node, 1)
         params = sum(weights[n][1] for n in set(node.input) if n in weights)
         per_node.append(
             NodeCost(
@@ -421,8 +419,10 @@ def model_cost(
         ops=ops,
         per_node=per_node,
         sparsity=_model_sparsity(weights),
-        macs_by_op=dict(sorted(((k, v) for k, v in by_op.items() if v), key=lambda kv: -kv[1])),
-        notes=notes,
+        macs_by_op=dict(
+            sorted(((k, v) for k, v in counter.by_op.items() if v), key=lambda kv: -kv[1])
+        ),
+        notes=counter.notes,
     )
 
 
@@ -446,64 +446,58 @@ def _int_constants(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def _body_macs(
-    graph: onnx.GraphProto,
-    shapes: Mapping[str, Sequence[Dim] | None],
-    consts: Mapping[str, int],
-    by_op: Counter[str],
-    notes: list[str],
-    times: int,
-) -> int:
-    return sum(_node_macs(n, shapes, consts, by_op, notes, times) for n in graph.node)
+class _MacCounter:
+    """MACs of nodes and subgraph bodies at `shapes`, per op type into `by_op`."""
 
+    def __init__(
+        self, shapes: Mapping[str, Sequence[Dim] | None], consts: Mapping[str, int]
+    ) -> None:
+        self.shapes, self.consts = shapes, consts
+        self.by_op: Counter[str] = Counter()
+        self.notes: list[str] = []
 
-def _node_macs(
-    node: onnx.NodeProto,
-    shapes: Mapping[str, Sequence[Dim] | None],
-    consts: Mapping[str, int],
-    by_op: Counter[str],
-    notes: list[str],
-    times: int,
-) -> int:
-    """MACs of `node` run `times` times, bodies included; adds them to `by_op`."""
-    bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
-    label = node.name or node.op_type
-    if node.op_type == "If" and bodies:
-        branches = []
-        for key in ("then_branch", "else_branch"):
-            if key in bodies:
-                local: Counter[str] = Counter()
-                branches.append(
-                    (_body_macs(bodies[key], shapes, consts, local, notes, times), local)
-                )
-        macs, local = max(branches, key=lambda b: b[0])
-        by_op.update(local)
+    def body(self, graph: onnx.GraphProto, times: int) -> int:
+        return sum(self.node(n, times) for n in graph.node)
+
+    def node(self, node: onnx.NodeProto, times: int) -> int:
+        """MACs of `node` run `times` times, bodies included; adds them to `by_op`."""
+        bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        label = node.name or node.op_type
+        if node.op_type == "If" and bodies:
+            outer, branches = self.by_op, []
+            for key in ("then_branch", "else_branch"):
+                if key in bodies:
+                    self.by_op = Counter()
+                    branches.append((self.body(bodies[key], times), self.by_op))
+            self.by_op = outer
+            macs, local = max(branches, key=lambda b: b[0])
+            self.by_op.update(local)
+            return macs
+        if node.op_type == "Loop" and "body" in bodies:
+            trip = self.consts.get(node.input[0]) if node.input and node.input[0] else None
+            if trip is None or trip < 0:
+                self.notes.append(f"Loop '{label}': trip count not constant; its body counted once")
+                trip = 1
+            return self.body(bodies["body"], times * trip)
+        if node.op_type == "Scan" and "body" in bodies:
+            length = None
+            n_scan = int(_attr(node, "num_scan_inputs", 0))
+            if n_scan:
+                first = node.input[len(node.input) - n_scan]
+                axis = (_attr(node, "scan_input_axes") or [0])[0]
+                shape = self.shapes.get(first)
+                if shape is not None and len(shape) > axis and isinstance(shape[axis], int):
+                    length = shape[axis]
+            if length is None:
+                self.notes.append(f"Scan '{label}': scan length unknown; its body counted once")
+                length = 1
+            return self.body(bodies["body"], times * length)
+        if bodies:  # other ops with subgraphs: their bodies once per run
+            return sum(self.body(g, times) for g in bodies.values())
+        try:
+            macs = count_macs(node, self.shapes) * times
+        except Exception as exc:  # a malformed attribute must not stop the report
+            log.debug("no MACs for node %s (%s): %s", node.name, node.op_type, exc)
+            macs = 0
+        self.by_op[node.op_type] += macs
         return macs
-    if node.op_type == "Loop" and "body" in bodies:
-        trip = consts.get(node.input[0]) if node.input and node.input[0] else None
-        if trip is None or trip < 0:
-            notes.append(f"Loop '{label}': trip count not constant; its body counted once")
-            trip = 1
-        return _body_macs(bodies["body"], shapes, consts, by_op, notes, times * trip)
-    if node.op_type == "Scan" and "body" in bodies:
-        length = None
-        n_scan = int(_attr(node, "num_scan_inputs", 0))
-        if n_scan:
-            first = node.input[len(node.input) - n_scan]
-            axes = _attr(node, "scan_input_axes") or [0]
-            shape = shapes.get(first)
-            if shape is not None and len(shape) > axes[0] and isinstance(shape[axes[0]], int):
-                length = shape[axes[0]]
-        if length is None:
-            notes.append(f"Scan '{label}': scan length unknown; its body counted once")
-            length = 1
-        return _body_macs(bodies["body"], shapes, consts, by_op, notes, times * length)
-    if bodies:  # other ops with subgraphs: count their bodies once per run
-        return sum(_body_macs(g, shapes, consts, by_op, notes, times) for g in bodies.values())
-    try:
-        macs = count_macs(node, shapes) * times
-    except Exception as exc:  # a malformed attribute must not stop the report
-        log.debug("no MACs for node %s (%s): %s", node.name, node.op_type, exc)
-        macs = 0
-    by_op[node.op_type] += macs
-    return macs

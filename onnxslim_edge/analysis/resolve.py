@@ -79,28 +79,15 @@ class ResolvedShapes:
 # --------------------------------------------------------------------------- model facts
 
 
-def _declared_inputs(model: onnx.ModelProto) -> list[tuple[str, int, tuple | None]]:
-    """(name, elem type, dims or None for unknown rank) of the inputs that are fed."""
-    inits = {t.name for t in model.graph.initializer}
-    inits |= {s.values.name for s in model.graph.sparse_initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits or not vi.type.HasField("tensor_type"):
-            continue
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            out.append((vi.name, tt.elem_type, None))
-            continue
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and d.dim_param:
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        out.append((vi.name, tt.elem_type, tuple(dims)))
-    return out
+def _declared_inputs(model: onnx.ModelProto) -> list[tuple[str, Any, tuple | None]]:
+    """(name, numpy dtype or None, dims or None for unknown rank) of the inputs fed."""
+    from onnxslim_edge.data.specs import _model_inputs
+
+    return [
+        (s.name, s.dtype, s.shape)
+        for s in _model_inputs(model)
+        if not s.optional and s.kind == "tensor_type"
+    ]
 
 
 def _image_axes(dims: tuple) -> tuple[int, int] | None:
@@ -116,21 +103,16 @@ def _image_axes(dims: tuple) -> tuple[int, int] | None:
     return None
 
 
-def _is_float(elem_type: int) -> bool:
-    return elem_type in (
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16,
-    )
+def _is_float(dtype: Any) -> bool:
+    return dtype is not None and (dtype.kind == "f" or dtype.name == "bfloat16")
 
 
-def _sequence_axes(dims: tuple, elem_type: int) -> list[int]:
+def _sequence_axes(dims: tuple, dtype: Any) -> list[int]:
     """Symbolic axes after the batch that hold a sequence: every non-batch axis of an
     integer (token/id) input, the middle axis of a float (batch, time, features) input,
     and the last axis of a rank-2 float input (batch, samples: audio)."""
     axes = [a for a, d in enumerate(dims) if a > 0 and not isinstance(d, int)]
-    if not _is_float(elem_type):
+    if not _is_float(dtype):
         return axes
     if len(dims) == 3:
         return [a for a in axes if a == 1]
@@ -210,12 +192,11 @@ def _runs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> str 
     placeholder inputs of `shapes`, else its reason."""
     from onnxslim_edge.runtime import make_session
 
-    types = {name: elem for name, elem, _ in _declared_inputs(model)}
+    types = {name: dtype for name, dtype, _ in _declared_inputs(model)}
     feeds = {}
     for name, shape in shapes.items():
-        try:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(types[name])
-        except (KeyError, ValueError, TypeError):
+        dtype = types.get(name)
+        if dtype is None or dtype.kind not in "biuf":
             return f"input '{name}' has a type placeholder data cannot make"
         fill = 0.5 if np.issubdtype(dtype, np.floating) else 0
         feeds[name] = np.full(shape, fill, dtype=dtype)
@@ -273,7 +254,7 @@ def resolve_input_shapes(
     shapes: dict[str, tuple[int, ...]] = {}
     origins: dict[str, str] = {}
     symbols: dict[str, int] = {}  # dim_param -> value, shared across inputs
-    open_inputs: list[tuple[str, int, tuple]] = []
+    open_inputs: list[tuple[str, Any, tuple]] = []
     for name, elem, dims in inputs:
         if name in explicit:
             shapes[name], origins[name] = explicit[name], "explicit"
@@ -388,7 +369,7 @@ def resolve_input_shapes(
     return result
 
 
-def _only_batch_open(inputs: list[tuple[str, int, tuple | None]], name: str) -> bool:
+def _only_batch_open(inputs: list[tuple[str, Any, tuple | None]], name: str) -> bool:
     for n, _, dims in inputs:
         if n == name:
             return dims is not None and all(isinstance(d, int) for d in dims[1:])
@@ -396,7 +377,7 @@ def _only_batch_open(inputs: list[tuple[str, int, tuple | None]], name: str) -> 
 
 
 def _fill(
-    open_inputs: list[tuple[str, int, tuple]],
+    open_inputs: list[tuple[str, Any, tuple]],
     partial: Mapping[str, list[int | None]],
     slots: list[tuple[str, int, str]],
     symbols: Mapping[str, int],
