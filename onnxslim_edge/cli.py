@@ -159,11 +159,15 @@ def _data(spec: str | None, model: Any, args: argparse.Namespace, *, batch_size:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from onnxslim_edge.analysis import io_info, model_cost
+    from onnxslim_edge.analysis.resolve import resolve_input_shapes
     from onnxslim_edge.model import load_model
 
     model = load_model(args.model)
     _check_input_shapes(model, args.input_shape)
-    cost = model_cost(model, input_shapes=args.input_shape)
+    resolved = resolve_input_shapes(model, args.input_shape)
+    for warning in resolved.warnings:
+        log.warning("%s", warning)
+    cost = model_cost(model, input_shapes=dict(resolved.shapes) if resolved.informative else None)
     inputs, outputs = io_info(model)
     info = {
         "model": str(args.model),
@@ -173,9 +177,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "params": cost.params,
         "size_bytes": cost.size_bytes,
         "macs": cost.macs,
+        "macs_by_op": cost.macs_by_op,
+        "input_shapes": resolved.to_dict(),
         "nodes": cost.nodes,
         "ops": cost.ops,
         "weight_sparsity": cost.sparsity,
+        "cost_notes": cost.notes,
         "inputs": [_tensor_json(t) for t in inputs],
         "outputs": [_tensor_json(t) for t in outputs],
     }
@@ -189,6 +196,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     for key in ("nodes", "params", "size_bytes", "macs"):
         print(f"  {key:<12}{_human(info[key], key)}")
+    if resolved.symbolic:
+        print(f"  {'at shapes':<12}{resolved.describe()}")
+    for note in cost.notes:
+        print(f"  {'note':<12}{note}")
     print(f"  {'sparsity':<12}{cost.sparsity:.1%}")
     for kind in ("inputs", "outputs"):
         for t in info[kind]:

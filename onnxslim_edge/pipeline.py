@@ -105,7 +105,9 @@ class Pipeline(Pass):
 
     - `validate`: "session" (checker + an ONNX Runtime session, default), "checker", "none".
     - `verify_lossless`: compare each lossless pass's outputs with the previous model's
-      (rtol/atol below; on the Context's data, else synthetic inputs) and stop with
+      (on the Context's data, else synthetic inputs at the resolved input shapes), each
+      output within rtol x |old| plus a tolerance from the model's own float noise
+      (`Checks.noise_tolerances`; `atol` x max |output| loosens it), and stop with
       FidelityError when they differ.
     - `floors`: fidelity floors for the final model against the input (see FLOOR_KEYS).
     - `fixed_point`: repeat the passes (all lossless) until a round changes nothing, at
@@ -124,7 +126,7 @@ class Pipeline(Pass):
         validate: Literal["session", "checker", "none"] = "session",
         verify_lossless: bool = True,
         rtol: float = 1e-5,
-        atol: float = 1e-5,
+        atol: float | None = None,
         floors: Mapping[str, float] | None = None,
         target: str = "tensorrt",
         max_samples: int = 4,
@@ -175,8 +177,10 @@ class Pipeline(Pass):
             ctx.reference = original
         self.checks.start(original, ctx)
         start = time.perf_counter()
-        state = ModelState(original)
-        report = PipelineReport(target=ctx.target.name, cost_before=state.cost)
+        state = ModelState(original, ctx.cost_shapes(original))
+        report = PipelineReport(
+            target=ctx.target.name, cost_before=state.cost, input_shapes=ctx.resolved.to_dict()
+        )
         state, report.passes = self._run_passes(state, ctx, progress=ctx.progress)
         report.cost_after = state.cost
         if self.floors:

@@ -87,11 +87,14 @@ class PipelineReport:
     wall_time_s: float = 0.0
     target: str = "tensorrt"
     fidelity: dict[str, Any] | None = None
+    #: {input: {"shape": [...], "origin": "explicit|data|metadata|ladder|default|static"}}
+    input_shapes: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(
             {
                 "target": self.target,
+                "input_shapes": self.input_shapes,
                 "wall_time_s": self.wall_time_s,
                 "cost_before": self.cost_before,
                 "cost_after": self.cost_after,
@@ -128,7 +131,13 @@ class PipelineReport:
                     check,
                 )
             )
-        return out + "\n\n" + format_rows(prow)
+        table = out + "\n\n" + format_rows(prow)
+        shown = {n: v for n, v in (self.input_shapes or {}).items() if v["origin"] != "static"}
+        if shown:
+            table += "\n\ninput shapes: " + ", ".join(
+                f"{n} {'x'.join(map(str, v['shape']))} ({v['origin']})" for n, v in shown.items()
+            )
+        return table
 
 
 def human(value: int, key: str) -> str:

@@ -15,7 +15,9 @@ other widths, crops of other sizes):
 - task metrics from a callback `task(feed, reference_outputs, candidate_outputs) ->
   {name: value}` per batch, averaged over batches weighted by their samples;
 - pass/fail: |c - r| <= atol_eff + rtol |r| at every element, atol_eff = atol
-  ("absolute") or atol * max |r| over the whole output ("range").
+  ("absolute") or atol * max |r| over the whole output ("range"); `atol` may also map
+  output names to absolute tolerances (the lossless checks' per-output noise floors),
+  reported as each output's `tolerance`.
 
 Non-finite values, one rule everywhere: NaN in both at the same place counts as equal,
 as do equal infinities; the metrics above are taken over the elements finite in both;
@@ -114,6 +116,8 @@ class OutputMetrics:
     top1_agreement: float | None = None
     kl_divergence: float | None = None
     range: float | None = None
+    #: The absolute tolerance this output was held to (atol_eff), where numeric.
+    tolerance: float | None = None
     nonfinite_mismatches: int = 0
     passed: bool = False
     error: str | None = None
@@ -247,6 +251,7 @@ class _Accumulator:
         if self.kl_rows:
             m.kl_divergence = self.kl_sum / self.kl_rows
         atol_eff = atol * self.range if atol_mode == "range" else atol
+        m.tolerance = atol_eff
         m.passed = self.nonfinite == 0 and self.worst <= atol_eff
         return m
 
@@ -390,7 +395,7 @@ class VerifyResult(Fidelity):
 
     synthetic: bool = False
     rtol: float = 1e-5
-    atol: float = 1e-5
+    atol: float | Mapping[str, float] = 1e-5
     atol_mode: str = "absolute"
     data: str = ""
 
@@ -406,7 +411,7 @@ class VerifyResult(Fidelity):
             "synthetic": self.synthetic,
             "data": self.data,
             "rtol": self.rtol,
-            "atol": self.atol,
+            "atol": self.atol if isinstance(self.atol, (int, float)) else dict(self.atol),
             "atol_mode": self.atol_mode,
             "messages": list(self.messages),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
@@ -459,6 +464,8 @@ class VerifyResult(Fidelity):
         return "\n".join(lines)
 
     def _tolerance(self) -> str:
+        if not isinstance(self.atol, (int, float)):
+            return f"rtol {self.rtol:g}, atol per output (noise floor)"
         if self.atol_mode == "range":
             return f"rtol {self.rtol:g}, atol {self.atol:g} x output range"
         return f"rtol {self.rtol:g}, atol {self.atol:g}"
@@ -475,11 +482,13 @@ class VerifyResult(Fidelity):
             elif m.nonfinite_mismatches:
                 problems.append(f"output '{m.name}': {m.nonfinite_mismatches} NaN/inf mismatch(es)")
             elif m.max_abs_error is not None:
-                limit = (
-                    f"atol {self.atol:g} x range {m.range:.3g}"
-                    if self.atol_mode == "range"
-                    else f"atol {self.atol:g}"
-                )
+                if not isinstance(self.atol, (int, float)):
+                    limit = f"atol {m.tolerance:.2g} from the model's noise"
+                elif self.atol_mode == "range":
+                    limit = f"atol {self.atol:g} x range {m.range:.3g}"
+                else:
+                    limit = f"atol {self.atol:g}"
+
                 problems.append(
                     f"output '{m.name}': max abs err {m.max_abs_error:.2g} > tolerance "
                     f"(rtol {self.rtol:g}, {limit})"
@@ -574,14 +583,17 @@ class Evaluator:
         task: TaskMetric | None = None,
         cache: bool = True,
         rtol: float = 1e-5,
-        atol: float = 1e-5,
+        atol: float | Mapping[str, float] = 1e-5,
         atol_mode: Literal["absolute", "range"] = "absolute",
         progress: bool = False,
     ) -> None:
         if atol_mode not in ("absolute", "range"):
             raise ConfigError(f"atol_mode must be absolute or range, not {atol_mode!r}")
-        if rtol < 0 or atol < 0:
+        atols = atol.values() if isinstance(atol, Mapping) else [atol]
+        if rtol < 0 or any(a < 0 for a in atols):
             raise ConfigError(f"rtol and atol must be >= 0 (got rtol {rtol}, atol {atol})")
+        if isinstance(atol, Mapping) and atol_mode != "absolute":
+            raise ConfigError("atol per output needs atol_mode='absolute'")
         self.reference = load_model(reference)
         self.rtol, self.atol, self.atol_mode = rtol, atol, atol_mode
         self.task = task
@@ -647,6 +659,11 @@ class Evaluator:
             done += count
             yield count, feed, out
 
+    def _atol(self, name: str) -> float:
+        if isinstance(self.atol, Mapping):
+            return float(self.atol.get(name, 0.0))
+        return self.atol
+
     def score(self, candidate: ModelSource) -> VerifyResult:
         """Run `candidate` on the data and measure it against the reference."""
         cand_model = load_model(candidate)
@@ -701,7 +718,7 @@ class Evaluator:
                 "no samples were compared (the data is empty, or a one-shot iterator already used)"
             )
         result = VerifyResult(
-            outputs={n: a.finish(self.rtol, self.atol, self.atol_mode) for n, a in acc.items()},
+            outputs={n: a.finish(self.rtol, self._atol(n), self.atol_mode) for n, a in acc.items()},
             samples=samples,
             messages=messages,
             task={k: v / samples for k, v in task_sums.items()} if samples else {},
@@ -723,7 +740,7 @@ def compare(
     data: Any = None,
     *,
     rtol: float = 1e-5,
-    atol: float = 1e-5,
+    atol: float | Mapping[str, float] = 1e-5,
     atol_mode: Literal["absolute", "range"] = "absolute",
     max_samples: int | None = None,
     batch_size: int = 1,

@@ -1,8 +1,10 @@
 """Model cost: node count, parameters, serialized bytes, multiply-accumulates, sparsity.
 
-`model_cost` is a pure function of the model (and the optional `input_shapes`): it
-reads shapes from `onnxslim_edge.graph.infer_shapes` and counts, per node of
-the main graph (If/Loop/Scan bodies are not counted):
+`model_cost` is a pure function of the model (and the optional `input_shapes`, which
+`analysis.resolve` chooses for callers): it reads shapes from
+`onnxslim_edge.graph.infer_shapes` (concrete input shapes let ONNX Runtime measure what
+ONNX inference leaves symbolic, e.g. MatMuls after a Reshape built from Shape ops) and
+counts, per node, including the nodes of If/Loop/Scan bodies:
 
 | op | MACs |
 | --- | --- |
@@ -18,9 +20,14 @@ the main graph (If/Loop/Scan bodies are not counted):
 | LRN | out_elems * size |
 | ReduceSum, ReduceMean, ... | in_elems |
 
-Bias additions of Conv/Gemm are not counted. A symbolic dim (a `dim_param`, e.g. the
-batch) counts as 1; a node whose shapes are unknown costs 0. Other ops (data movement:
-Reshape, Transpose, Concat, Gather, ...) cost 0.
+Attention is MatMuls: QK^T is out (B, H, S, S) x K = head dim, AV out (B, H, S, Dh) x
+K = S. An If costs its costlier branch; a Loop its body times the trip count when that
+is a constant (else once, with a note); a Scan its body times the scanned axis length
+when known (else once, with a note). Body costs go to the If/Loop/Scan node's
+`NodeCost` and, per op type, to `macs_by_op`. Bias additions of Conv/Gemm are not
+counted. A symbolic dim (a `dim_param`, e.g. the batch) counts as 1; a node whose
+shapes are unknown costs 0. Other ops (data movement: Reshape, Transpose, Concat,
+Gather, ...) cost 0.
 """
 
 from __future__ import annotations
@@ -133,6 +140,10 @@ class ModelCost:
     ops: dict[str, int]
     per_node: list[NodeCost]
     sparsity: float
+    #: MACs per op type (subgraph nodes under their own op), largest first.
+    macs_by_op: dict[str, int] = field(default_factory=dict)
+    #: What the count could not know (a Loop's trip count ...).
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready: shapes become lists."""
@@ -381,14 +392,11 @@ def model_cost(
     shapes = {name: info.shape for name, info in infos.items()}
     weights = _weights(model)
 
+    counter = _MacCounter(shapes, _int_constants(model))
     per_node = []
     total_macs = 0
     for i, node in enumerate(model.graph.node):
-        try:
-            macs = count_macs(node, shapes)
-        except Exception as exc:  # a malformed attribute must not stop the report
-            log.debug("no MACs for node %s (%s): %s", node.name, node.op_type, exc)
-            macs = 0
+        macs = counter.node(node, 1)
         params = sum(weights[n][1] for n in set(node.input) if n in weights)
         per_node.append(
             NodeCost(
@@ -411,4 +419,85 @@ def model_cost(
         ops=ops,
         per_node=per_node,
         sparsity=_model_sparsity(weights),
+        macs_by_op=dict(
+            sorted(((k, v) for k, v in counter.by_op.items() if v), key=lambda kv: -kv[1])
+        ),
+        notes=counter.notes,
     )
+
+
+def _int_constants(model: onnx.ModelProto) -> dict[str, int]:
+    """Scalar integer constants (initializers and Constant nodes) of every graph, by name:
+    what a Loop's trip count may be."""
+    out = {}
+    for graph in iter_graphs(model.graph):
+        tensors = [(t.name, t) for t in graph.initializer]
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                tensors.append((node.output[0], node.attribute[0].t))
+        for name, t in tensors:
+            if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and (
+                math.prod(t.dims) == 1
+            ):
+                try:
+                    out[name] = int(onnx.numpy_helper.to_array(t).reshape(-1)[0])
+                except Exception:  # unreadable data: no trip count
+                    continue
+    return out
+
+
+class _MacCounter:
+    """MACs of nodes and subgraph bodies at `shapes`, per op type into `by_op`."""
+
+    def __init__(
+        self, shapes: Mapping[str, Sequence[Dim] | None], consts: Mapping[str, int]
+    ) -> None:
+        self.shapes, self.consts = shapes, consts
+        self.by_op: Counter[str] = Counter()
+        self.notes: list[str] = []
+
+    def body(self, graph: onnx.GraphProto, times: int) -> int:
+        return sum(self.node(n, times) for n in graph.node)
+
+    def node(self, node: onnx.NodeProto, times: int) -> int:
+        """MACs of `node` run `times` times, bodies included; adds them to `by_op`."""
+        bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        label = node.name or node.op_type
+        if node.op_type == "If" and bodies:
+            outer, branches = self.by_op, []
+            for key in ("then_branch", "else_branch"):
+                if key in bodies:
+                    self.by_op = Counter()
+                    branches.append((self.body(bodies[key], times), self.by_op))
+            self.by_op = outer
+            macs, local = max(branches, key=lambda b: b[0])
+            self.by_op.update(local)
+            return macs
+        if node.op_type == "Loop" and "body" in bodies:
+            trip = self.consts.get(node.input[0]) if node.input and node.input[0] else None
+            if trip is None or trip < 0:
+                self.notes.append(f"Loop '{label}': trip count not constant; its body counted once")
+                trip = 1
+            return self.body(bodies["body"], times * trip)
+        if node.op_type == "Scan" and "body" in bodies:
+            length = None
+            n_scan = int(_attr(node, "num_scan_inputs", 0))
+            if n_scan:
+                first = node.input[len(node.input) - n_scan]
+                axis = (_attr(node, "scan_input_axes") or [0])[0]
+                shape = self.shapes.get(first)
+                if shape is not None and len(shape) > axis and isinstance(shape[axis], int):
+                    length = shape[axis]
+            if length is None:
+                self.notes.append(f"Scan '{label}': scan length unknown; its body counted once")
+                length = 1
+            return self.body(bodies["body"], times * length)
+        if bodies:  # other ops with subgraphs: their bodies once per run
+            return sum(self.body(g, times) for g in bodies.values())
+        try:
+            macs = count_macs(node, self.shapes) * times
+        except Exception as exc:  # a malformed attribute must not stop the report
+            log.debug("no MACs for node %s (%s): %s", node.name, node.op_type, exc)
+            macs = 0
+        self.by_op[node.op_type] += macs
+        return macs

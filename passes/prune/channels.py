@@ -247,7 +247,7 @@ class PruneChannels(Pass):
         cfg: PruneChannelsConfig = self.config
         report = self.new_report()
         round_to = cfg.round_to or ctx.target.round_to
-        shapes = ctx.input_shapes or _shapes_from_data(ctx, graph)
+        shapes = ctx.shapes_for(export_graph(graph))
         analysis = analyze_channels(graph, input_shapes=shapes, exclude_nodes=cfg.exclude_nodes)
         for node, op, reason in analysis.barriers:
             report.skip(SimpleNamespace(name=node, op=op), reason)
@@ -286,9 +286,7 @@ class PruneChannels(Pass):
         from onnxslim_edge.data import random_feeds
 
         model = export_graph(graph)
-        feeds = [
-            random_feeds(model, seed=ctx.seed + k, input_shapes=ctx.input_shapes) for k in (0, 1)
-        ]
+        feeds = [random_feeds(model, seed=ctx.seed + k, input_shapes=shapes) for k in (0, 1)]
         constants = removed_constants(graph, analysis, keep, feeds)
         if cfg.mode == "remove":
             counts = remove_channels(graph, analysis, keep, constants)
@@ -390,21 +388,3 @@ class PruneChannels(Pass):
                 frozen=g.frozen,
             )
         report.count("groups_pruned", pruned)
-
-
-def _shapes_from_data(ctx: Context, graph: gs.Graph) -> dict[str, tuple[int, ...]] | None:
-    """Input shapes of the first calibration batch, when the graph has symbolic dims."""
-    symbolic = any(
-        t.shape is None or any(not isinstance(d, int) or d < 0 for d in t.shape)
-        for t in graph.inputs
-    )
-    if not symbolic or ctx.data is None:
-        return None
-    try:
-        from onnxslim_edge.data import open_data
-
-        first = next(iter(open_data(ctx.data, limit=1)))
-    except Exception:  # unreadable data is reported by whoever reads it for real
-        return None
-    names = {t.name for t in graph.inputs}
-    return {k: tuple(int(d) for d in np.shape(v)) for k, v in first.items() if k in names}

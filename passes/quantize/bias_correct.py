@@ -181,7 +181,7 @@ class BiasCorrect(Pass):
             ctx.data,
             ctx.reference,
             limit=self.config.max_samples,
-            input_shapes=ctx.input_shapes,
+            input_shapes=ctx.data_shapes(ctx.reference),
             seed=ctx.seed,
         )
         ref_session = exposing_session(ctx.reference, [layer.output for layer in layers])

@@ -149,7 +149,7 @@ class Quantize(Pass):
             float_model,
             batch_size=_DEFAULT_BATCH,
             limit=cfg.max_calibration_samples,
-            input_shapes=ctx.input_shapes,
+            input_shapes=ctx.data_shapes(float_model),
             seed=ctx.seed,
         )
         quantizer.calibrate(source, tensors, progress=ctx.progress)
