@@ -17,7 +17,12 @@ from typing import Any, Literal
 from onnxslim_edge.errors import ConfigError
 from onnxslim_edge.passes.quantize.calibrate import threshold_method
 
-__all__ = ["QuantizeConfig", "parse_override"]
+__all__ = ["DEFAULT_FLOORS", "QuantizeConfig", "parse_override"]
+
+#: The fidelity guard's floors (`fidelity_guard`, on by default): a quantized model
+#: below them is repaired by fallback or refused (FidelityError). Floors set in the
+#: options (`min_cosine`, `min_sqnr_db`, `min_top1_agreement`) replace them.
+DEFAULT_FLOORS = {"min_cosine": 0.95, "min_sqnr_db": 10.0}
 
 
 def _is_float(value: Any) -> bool:
@@ -60,6 +65,8 @@ class QuantizeConfig:
     min_cosine: float | None = None
     fallback_max_layers: int = 8
     consumer_ranges: bool = True  # clamp ranges to what the consumers can tell apart
+    fidelity_guard: bool = True  # always measure; below DEFAULT_FLOORS: fallback or error
+    guard_samples: int = 16  # samples the guard measures (held back when the data has them)
 
     def __post_init__(self) -> None:
         try:
@@ -68,7 +75,7 @@ class QuantizeConfig:
             raise ConfigError(f"quantize.method: {exc}") from None
         if not _is_float(self.percentile) or not 0 < self.percentile <= 100:
             raise ConfigError(f"quantize.percentile: expected 0 < p <= 100, got {self.percentile}")
-        for key in ("per_channel", "keep_first", "keep_last", "consumer_ranges"):
+        for key in ("per_channel", "keep_first", "keep_last", "consumer_ranges", "fidelity_guard"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"quantize.{key} must be true or false")
         if self.activation_dtype not in ("auto", "int8", "uint8"):
@@ -96,9 +103,20 @@ class QuantizeConfig:
         m = self.fallback_max_layers
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ConfigError(f"quantize.fallback_max_layers must be >= 0, got {m!r}")
+        g = self.guard_samples
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ConfigError(f"quantize.guard_samples must be >= 1, got {g!r}")
+
+    @property
+    def user_floors(self) -> dict[str, float]:
+        """The fidelity floors set in the options."""
+        keys = ("min_top1_agreement", "min_sqnr_db", "min_cosine")
+        return {k: float(getattr(self, k)) for k in keys if getattr(self, k) is not None}
 
     @property
     def floors(self) -> dict[str, float]:
-        """The fidelity floors that are set."""
-        keys = ("min_top1_agreement", "min_sqnr_db", "min_cosine")
-        return {k: float(getattr(self, k)) for k in keys if getattr(self, k) is not None}
+        """The floors the pass enforces: those set in the options, else (with
+        `fidelity_guard`) the guard's `DEFAULT_FLOORS`."""
+        if self.user_floors:
+            return self.user_floors
+        return dict(DEFAULT_FLOORS) if self.fidelity_guard else {}

@@ -30,11 +30,13 @@ from onnxslim_edge.graph import const_value, infer_shapes
 from onnxslim_edge.passes.quantize.numerics import weight_axis
 
 __all__ = [
+    "FLOAT_OPS",
     "ORT_EXTRA_OPS",
     "WEIGHT_OPS",
     "Analysis",
     "Layer",
     "Placement",
+    "float_region",
     "is_activation",
     "make_placement",
     "name_nodes",
@@ -48,6 +50,14 @@ _FOLDED_ACTIVATIONS = ("Relu", "Clip")
 #: QLinear kernels instead of converting back to float (measured: docs/quantization.md).
 ORT_EXTRA_OPS = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Mul")
 _CONV_OPS = ("Conv", "ConvTranspose")
+#: Ops a transformer computes in float: normalization, attention probabilities, GELU,
+#: masks. They seed the float region (`float_region`).
+FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Gelu", "Where")
+#: Elementwise ops the float region grows through (a decomposed LayerNorm or GELU, the
+#: additive attention mask, residual sums and the bias Adds beside them).
+_REGION_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Tanh")
+#: Ops that only move or reshape data: the region is looked for through them.
+_MOVE_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Cast")
 
 
 @dataclass
@@ -153,6 +163,7 @@ class Analysis:
         self.dtypes = {name: dt for name, (_, dt) in shapes.items() if dt is not None}
         self.layers: list[Layer] = []
         self.unsupported: list[tuple[Any, str]] = []
+        self.region = float_region(graph)
         for node in graph.nodes:
             if node.op not in WEIGHT_OPS or node.domain not in ("", "ai.onnx", None):
                 continue
@@ -217,6 +228,57 @@ def _folded_output(graph: gs.Graph, tensor: Any) -> Any:
     return tensor
 
 
+def _decomposed_norm(node: gs.Node) -> bool:
+    """A ReduceMean whose output a Sub takes from the ReduceMean's own input (x - mean(x),
+    the start of an exported LayerNorm)."""
+    if node.op != "ReduceMean" or not node.inputs or not node.outputs:
+        return False
+    x = node.inputs[0]
+    return any(
+        c.op == "Sub" and len(c.inputs) == 2 and c.inputs[0] is x and c.inputs[1] is node.outputs[0]
+        for c in node.outputs[0].outputs
+    )
+
+
+def _neighbours(node: gs.Node) -> Iterable[gs.Node]:
+    """Producers of `node`'s inputs and consumers of its outputs, looked at through
+    data-movement ops (`_MOVE_OPS`)."""
+    seen: set[int] = set()
+    stack: list[tuple[gs.Node, bool]] = [(node, True)]
+    while stack:
+        cur, start = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if not start:
+            yield cur
+            if cur.op not in _MOVE_OPS:
+                continue
+        for t in cur.inputs:
+            stack.extend((p, False) for p in t.inputs)
+        for t in cur.outputs:
+            stack.extend((c, False) for c in t.outputs)
+
+
+def float_region(graph: gs.Graph) -> set[str]:
+    """Names of the nodes a transformer keeps in float in the onnxruntime-cpu layout:
+    `FLOAT_OPS` and decomposed LayerNorms (ReduceMean -> Sub ...), grown through
+    neighbouring elementwise ops (`_REGION_OPS`; a decomposed LayerNorm's Pow/Sqrt/Div,
+    GELU's Div/Add/Mul, the attention mask's Sub/Mul and its Add before Softmax,
+    residual sums and the bias Adds feeding them). Weight layers stop the growth, so
+    the Q/DQ of MatMul/Gemm inputs and outputs stay. A CNN without these ops gets an
+    empty region (its placement is unchanged)."""
+    region = {n.name for n in graph.nodes if n.op in FLOAT_OPS or _decomposed_norm(n)}
+    by_name = {n.name: n for n in graph.nodes}
+    todo = list(region)
+    while todo:
+        for nb in _neighbours(by_name[todo.pop()]):
+            if nb.op in _REGION_OPS and nb.name not in region:
+                region.add(nb.name)
+                todo.append(nb.name)
+    return region
+
+
 def make_placement(
     analysis: Analysis,
     included: Iterable[str],
@@ -224,14 +286,17 @@ def make_placement(
     layout: Literal["tensorrt", "ort"],
     excluded: Iterable[str] = (),
     extra_ops: tuple[str, ...] = ORT_EXTRA_OPS,
+    region: Iterable[str] = (),
 ) -> Placement:
     """Where Q/DQ go when the layers named `included` are quantized (see the module
-    docstring); `excluded` nodes (any op) are never rewired or wrapped."""
+    docstring); `excluded` nodes (any op) are never rewired or wrapped, nor (in the
+    ort layout) are the extra ops in `region` (`float_region`)."""
     graph = analysis.graph
     dtypes = analysis.dtypes
     by_name = {n.name: n for n in graph.nodes}
     include = set(included)
     exclude = set(excluded)
+    float_nodes = exclude | set(region)
     layers = {layer.node: layer for layer in analysis.layers if layer.node in include}
     placement = Placement(layers=layers, int32_bias=layout == "ort")
     if layout == "tensorrt":
@@ -259,7 +324,7 @@ def make_placement(
                 n
                 for n in graph.nodes
                 if n.op in extra_ops
-                and n.name not in exclude
+                and n.name not in float_nodes
                 and all(is_activation(t, dtypes) for t in n.inputs if not t.is_empty())
             ]
             # Add/Mul of an activation and a float constant (HardSwish's x + 3): the
@@ -267,7 +332,7 @@ def make_placement(
             # instead of a DequantizeLinear -> Add -> QuantizeLinear round trip.
             for n in graph.nodes:
                 slot = _constant_operand(n, dtypes) if n.op in _CONST_OPERAND_OPS else None
-                if slot is not None and n.op in extra_ops and n.name not in exclude:
+                if slot is not None and n.op in extra_ops and n.name not in float_nodes:
                     wrapped.append(n)
                     placement.constants.append((n.name, slot))
         outputs = {id(t) for t in graph.outputs}

@@ -151,24 +151,54 @@ class Quantize(Pass):
             if name not in known:
                 report.warn(f"override for '{name}': not a quantized tensor")
         excluded = set(exclusions)
+        guard: dict[str, Any] = {}
         if cfg.floors:
-            excluded = self._fallback(quantizer, source, excluded, report)
+            evaluator, where = self._evaluator(quantizer, source, ctx)
+            excluded = self._fallback(quantizer, evaluator, where, excluded, report, guard)
         quantizer.apply(graph, excluded, report=report)
+        if guard:  # after the per-layer details
+            report.detail(**guard)
         quantizer.save_cache()
         return report
 
+    def _evaluator(self, quantizer: Quantizer, source: Any, ctx: Context) -> tuple[Evaluator, str]:
+        """The evaluator the floors are checked with, and which samples it holds: the
+        `guard_samples` samples after the calibration samples when the data has them
+        ("held-back"), else the first calibration samples (`EVAL_SAMPLES` with a floor
+        set in the options, `guard_samples` for the default guard alone)."""
+        cfg: QuantizeConfig = self.config
+        held = _held_back(ctx, quantizer.model, cfg.max_calibration_samples, cfg.guard_samples)
+        if held:
+            return Evaluator(quantizer.model, held, batch_size=source.batch_size), "held-back"
+        n = EVAL_SAMPLES if cfg.user_floors else cfg.guard_samples
+        evaluator = Evaluator(quantizer.model, source, max_samples=n, batch_size=source.batch_size)
+        return evaluator, "calibration"
+
     def _fallback(
-        self, quantizer: Quantizer, source: Any, excluded: set[str], report: PassReport
+        self,
+        quantizer: Quantizer,
+        evaluator: Evaluator,
+        where: str,
+        excluded: set[str],
+        report: PassReport,
+        guard: dict[str, Any],
     ) -> set[str]:
+        """Measure the quantized model; below a floor, keep the most sensitive layers in
+        float one by one until it holds, or raise FidelityError. The measurement goes
+        into `guard` (the report's `fidelity` detail)."""
         cfg: QuantizeConfig = self.config
         floors = cfg.floors
-        evaluator = Evaluator(
-            quantizer.model, source, max_samples=EVAL_SAMPLES, batch_size=source.batch_size
-        )
+        if not evaluator.samples:
+            report.warn(
+                "fidelity guard: no samples to measure (the data cannot be read twice); "
+                "the quantized model is unchecked"
+            )
+            return excluded
         fid = evaluator.score(quantizer.build(excluded))
         misses = fid.misses(floors)
         kept: list[tuple[str, float | None]] = []
         if misses:
+            first_miss = misses[0]
             ranking = rank_layers(
                 quantizer.layers(excluded),
                 lambda node: quantizer.build(excluded, only=[node]),
@@ -182,11 +212,27 @@ class Quantize(Pass):
                 misses = fid.misses(floors)
                 if not misses:
                     break
-        report.detail(
-            fidelity=_fidelity_detail(fid), floors=floors, kept_float=[k for k, _ in kept]
+            if not misses:
+                report.warn(
+                    f"fidelity floor missed with every layer quantized ({first_miss}); "
+                    f"met with {len(kept)} layer(s) kept in float"
+                )
+        guard.update(
+            fidelity=_fidelity_detail(fid),
+            floors=floors,
+            kept_float=[k for k, _ in kept],
+            fidelity_samples=evaluator.samples,
+            fidelity_data=where,
         )
         if misses:
+            report.detail(**guard)
+        if misses:
             floor_text = ", ".join(f"{k}={v:g}" for k, v in floors.items())
+            if not cfg.user_floors:
+                floor_text += (
+                    " (the fidelity guard's default floors: set min_cosine/min_sqnr_db to "
+                    "change them, fidelity_guard=false to skip the check)"
+                )
             raise FidelityError(
                 f"quantize: cannot meet {floor_text} with {len(kept)} layer(s) kept in float "
                 f"(fallback_max_layers={cfg.fallback_max_layers}): {misses[0]}"
@@ -201,6 +247,30 @@ class Quantize(Pass):
             )
         report.count("fallback_layers", len(kept))
         return excluded
+
+
+def _held_back(ctx: Context, model: Any, skip: int | None, count: int) -> list[dict[str, Any]]:
+    """Feeds of the `count` samples after the first `skip` (the calibration samples),
+    or [] when the data has no more (or `skip` is None: every sample calibrates)."""
+    from onnxslim_edge.data import open_data
+
+    if skip is None:
+        return []
+    source = open_data(
+        ctx.data,
+        model,
+        batch_size=_DEFAULT_BATCH,
+        limit=skip + count,
+        input_shapes=ctx.input_shapes,
+        seed=ctx.seed,
+    )
+    feeds, seen = [], 0
+    for n, feed in source.counted():
+        start = max(0, skip - seen)
+        seen += n
+        if start < n:
+            feeds.append({k: v[start:] for k, v in feed.items()})
+    return feeds
 
 
 _PER_OUTPUT = ("sqnr_db", "cosine", "top1_agreement", "kl_divergence", "nonfinite_mismatches")

@@ -165,9 +165,22 @@ class Quantizer:
         else:
             included = {lay.node for lay in self.analysis.layers if lay.node not in excluded}
             extra = ORT_EXTRA_OPS
-        return make_placement(
-            self.analysis, included, layout=self.layout, excluded=excluded, extra_ops=extra
+        placement = make_placement(
+            self.analysis,
+            included,
+            layout=self.layout,
+            excluded=excluded,
+            extra_ops=extra,
+            region=self.analysis.region,
         )
+        # A tensor that took inf/NaN in calibration (a -inf attention mask) has no grid:
+        # quantized, -inf would come back as the grid's end. It stays float.
+        for name in [n for n in placement.acts if getattr(self.stats.get(n), "nonfinite", 0)]:
+            del placement.acts[name]
+            for group in placement.groups:
+                group.discard(name)
+        placement.groups = [g for g in placement.groups if len(g) > 1]
+        return placement
 
     # -- calibration
 

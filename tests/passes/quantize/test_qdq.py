@@ -524,7 +524,9 @@ def test_calibration_cache_and_overrides(tmp_path):
     q, _ = _quantize(model, data, method="minmax", calibration_cache=str(cache))
     scales = {n.input[0]: _inits(q)[n.input[1]] for n in _nodes(q, "QuantizeLinear")}
     assert scales["x"] == np.float32(0.1)
-    q2, _ = _quantize(model, data, method="minmax", overrides=("r0=2.54",))
+    # The override clips r0 (output cosine 0.93): the fidelity guard would keep a layer
+    # in float (its own test: test_guard_catches_a_bad_override); off, it is used as given.
+    q2, _ = _quantize(model, data, method="minmax", overrides=("r0=2.54",), fidelity_guard=False)
     scales = {n.input[0]: _inits(q2)[n.input[1]] for n in _nodes(q2, "QuantizeLinear")}
     assert scales["r0"] == np.float32(0.02)
 
