@@ -11,7 +11,11 @@ included, layout=...)` decides the `Placement` for a set of included layers:
 - `ort` (onnxruntime-cpu): Q/DQ on every float activation input and output of the
   layers (an output taken after a following Relu/Clip, which ONNX Runtime folds into
   the Q), int32 biases, and `ORT_EXTRA_OPS` (Add/Mul/Concat/pooling) wrapped too, the
-  float constant of such an Add/Mul stored quantized.
+  float constant of such an Add/Mul stored quantized. In a transformer the
+  `float_region` (LayerNorm, Softmax, GELU, the attention mask, residual sums and the
+  elementwise ops around them) is not wrapped, and a layer output read only by that
+  region stays float (ONNX Runtime then runs the MatMul on int8 inputs with a float
+  output; measured more accurate and faster, docs/quantization.md).
 
 Either way tensors joined by a Concat share one scale (`Placement.groups`). Read-only:
 nothing here rewrites the graph (see `builder`).
@@ -344,9 +348,14 @@ def make_placement(
                 if not node.inputs[slot].is_empty() and (node.name, slot) not in constant_slots:
                     placement.want(node.inputs[slot].name, None)
             out = _folded_output(graph, node.outputs[0])
-            if is_activation(out, dtypes) and id(out) not in outputs and out.outputs:
+            if (
+                is_activation(out, dtypes)
+                and id(out) not in outputs
+                and out.outputs
+                and not all(c.name in float_nodes for c in out.outputs)
+            ):
                 placement.want(out.name, None)
-        placement.skip_rewire = exclude
+        placement.skip_rewire = float_nodes  # the float region reads the float tensor
     # Concat: quantized inputs and a quantized output share one scale.
     parent: dict[str, str] = {}
 
