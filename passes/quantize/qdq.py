@@ -31,12 +31,21 @@ With `consumer_ranges` (default) a tensor whose readers are all flat past some b
 them) gets its calibrated range narrowed to the part they can tell apart
 (`ranges.useful_range`).
 
+In a transformer, the onnxruntime-cpu layout leaves `placement.float_region` in float
+(LayerNorm, Softmax, GELU, the attention mask, residual sums: an asymmetric uint8 grid
+over a -10000 mask destroyed the attention scores); a tensor that took inf/NaN in
+calibration is never quantized.
+
 Lossy: its error measure is the output fidelity against the float model (SQNR,
-cosine, top-1 agreement, measured by `onnxslim_edge.verify.Evaluator`). With a floor
-set (`min_sqnr_db`, `min_cosine`, `min_top1_agreement`) the pass measures the fully
-quantized model on the calibration data and, when it misses the floor, leaves the most
-sensitive layers in float (ranked by `sensitivity.rank_layers`) one by one until the
-floor is met, or raises FidelityError after `fallback_max_layers`.
+cosine, top-1 agreement, measured by `onnxslim_edge.verify.Evaluator`). The pass
+always measures the fully quantized model (the fidelity guard, `fidelity_guard`):
+against the floors set (`min_sqnr_db`, `min_cosine`, `min_top1_agreement`), else the
+default floors `config.DEFAULT_FLOORS` (cosine 0.95, SQNR 10 dB), on `guard_samples`
+samples held back after the calibration samples when the data has them, else on
+calibration samples. When it misses a floor it leaves the most sensitive layers in
+float (ranked by `sensitivity.rank_layers`) one by one until the floor is met, or
+raises FidelityError after `fallback_max_layers`: never a model below the floors
+without a word.
 
 This module holds only the pass; the parts live beside it: `config` (options),
 `numerics` (int8 arithmetic), `placement` (what goes where), `ranges` (range
@@ -92,8 +101,8 @@ class Quantize(Pass):
     Scope: layers whose activation input is float32 and whose weight is a float32
     constant (or, for MatMul/Gemm, a second float32 activation); see the module
     docstring for the placement per target. Lossy: the report gives per-layer scales
-    and ranges, what was kept in float and why, and with a floor set the fidelity
-    (SQNR, cosine, top-1 agreement against the float model on the calibration data).
+    and ranges, what was kept in float and why, and the fidelity the guard measured
+    (SQNR, cosine, top-1 agreement against the float model, and on which samples).
     """
 
     name = "quantize"
@@ -226,7 +235,6 @@ class Quantize(Pass):
         )
         if misses:
             report.detail(**guard)
-        if misses:
             floor_text = ", ".join(f"{k}={v:g}" for k, v in floors.items())
             if not cfg.user_floors:
                 floor_text += (
@@ -264,6 +272,8 @@ def _held_back(ctx: Context, model: Any, skip: int | None, count: int) -> list[d
         input_shapes=ctx.input_shapes,
         seed=ctx.seed,
     )
+    if source.num_samples is not None and source.num_samples <= skip:
+        return []  # known without reading it again
     feeds, seen = [], 0
     for n, feed in source.counted():
         start = max(0, skip - seen)

@@ -14,12 +14,14 @@ import numpy as np
 import onnx
 import pytest
 from fixtures import torch_models
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxslim_edge.analysis.qdq_lint import lint_qdq
 from onnxslim_edge.passes.quantize.qdq import Quantize
 from onnxslim_edge.pipeline import Context, FidelityError, Pipeline
 from onnxslim_edge.runtime import make_session
+
+from .test_qdq import _mlp3  # 3 MatMul+Relu layers, 16 samples
 
 TARGETS = ("onnxruntime-cpu", "tensorrt")
 
@@ -119,27 +121,6 @@ def test_ort_residual_and_mask_adds_stay_float(encoders, style):
 
 
 # --------------------------------------------------------------------------- the guard
-
-
-def _mlp3():
-    rng = np.random.default_rng(0)
-    nodes, inits, prev = [], [], "x"
-    for i in range(3):
-        inits.append(numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
-        nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
-        prev = f"r{i}"
-    nodes[-1].output[0] = "y"
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 7
-    return model, [{"x": rng.normal(size=(16, 8)).astype(np.float32)}]
 
 
 #: A hand-set range that clips r0 to a fifth of its span: output cosine 0.93 (< 0.95).
