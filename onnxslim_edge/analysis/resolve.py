@@ -5,8 +5,9 @@ run uses (synthetic check data, MAC counts, pruning budgets, calibration): expli
 shapes (`--input-shape`, `Context.input_shapes`) beat the data's shapes, which beat the
 model's metadata (Ultralytics `imgsz`/`batch`, and `image_size`/`img_size`/
 `input_size`/`input_shape` keys other exporters write), which beat a candidate ladder
-validated by running the *original* model once per candidate with ONNX Runtime, within
-a small time budget: image-like H/W (an NCHW/NHWC input with 1, 3 or 4 channels) 224,
+validated by running the *original* model once per candidate with ONNX Runtime, in the
+sandbox of tool-initiated runs (`onnxslim_edge.sandbox`: a child process with time and
+memory budgets; the ladder as a whole gets `DEFAULT_BUDGET_S`): image-like H/W (an NCHW/NHWC input with 1, 3 or 4 channels) 224,
 256, 320, 416, 512, 640 rounded up to the stride the graph implies (the product of its
 stride > 1 Conv/pool strides, at most 64); sequence axes 16, 128, 512; the batch 1.
 What the ladder cannot validate falls back to 1 (`default`). Each input's origin is one
@@ -187,10 +188,13 @@ def _metadata(model: onnx.ModelProto) -> tuple[tuple[int, int] | None, int | Non
 # --------------------------------------------------------------------------- validation
 
 
-def _runs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """None when ONNX Runtime runs `model` (graph optimizations off, one thread) on
-    placeholder inputs of `shapes`, else its reason."""
-    from onnxslim_edge.runtime import make_session
+def _runs(
+    model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], time_s: float
+) -> str | None:
+    """None when ONNX Runtime runs `model` on placeholder inputs of `shapes` within
+    `time_s` seconds and the sandbox's memory budget (`onnxslim_edge.sandbox`: a child
+    process, optimizations off), else the reason."""
+    from onnxslim_edge.sandbox import BudgetExceeded, RunFailed, output_shapes
 
     types = {name: dtype for name, dtype, _ in _declared_inputs(model)}
     feeds = {}
@@ -198,17 +202,14 @@ def _runs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> str 
         dtype = types.get(name)
         if dtype is None or dtype.kind not in "biuf":
             return f"input '{name}' has a type placeholder data cannot make"
-        fill = 0.5 if np.issubdtype(dtype, np.floating) else 0
+        fill = 0.5 if dtype.kind == "f" else 0
         feeds[name] = np.full(shape, fill, dtype=dtype)
     try:
-        session = make_session(model, threads=1, optimization="disable")
-        import onnxruntime as ort
-
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4
-        session.run(None, feeds, quiet)
-    except Exception as exc:  # ORT's own error types; the reason is reported
-        return first_line(exc)
+        output_shapes(model, [o.name for o in model.graph.output], feeds, time_s=time_s)
+    except BudgetExceeded as exc:
+        return f"run stopped: {exc}"
+    except RunFailed as exc:
+        return str(exc)
     return None
 
 
@@ -318,12 +319,13 @@ def resolve_input_shapes(
             if not slots or not validate:  # nothing to try: batch / other dims take 1
                 chosen = candidate
                 break
-            reason = _runs(model, trial)
+            left = deadline - time.monotonic()
+            reason = _runs(model, trial, max(left, 1.0))
             if reason is None:
                 chosen, ladder_ok = candidate, True
                 break
             reasons.append(f"{_fmt(candidate)}: {reason}")
-            if time.monotonic() > deadline:
+            if reason.startswith("run stopped") or time.monotonic() > deadline:
                 reasons.append(f"time budget of {budget_s:g} s spent")
                 break
         if chosen is None:
