@@ -180,10 +180,9 @@ class LowRank(Pass):
         round_to = cfg.round_to or ctx.target.round_to
         from onnxslim_edge.analysis.cost import model_cost
         from onnxslim_edge.graph import infer_shapes
-        from onnxslim_edge.passes.prune.channels import _shapes_from_data
 
-        input_shapes = ctx.input_shapes or _shapes_from_data(ctx, graph)
         before = export_graph(graph)
+        input_shapes = ctx.shapes_for(before)
         shapes = {k: v.shape for k, v in infer_shapes(before, input_shapes).items()}
         self._check_names(graph, cfg)
         exclude = set(cfg.exclude_nodes)
@@ -421,7 +420,7 @@ class LowRank(Pass):
                     after,
                     data=ctx.data,
                     max_samples=self.config.verify_samples,
-                    input_shapes=ctx.input_shapes,
+                    input_shapes=ctx.data_shapes(before),
                     seed=ctx.seed,
                 )
             except OnnxSlimEdgeError as exc:  # the input model itself cannot run on it
