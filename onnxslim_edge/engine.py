@@ -394,8 +394,7 @@ def _compare(
     from polygraphy.backend.trt import TrtRunner
 
     from onnxslim_edge.data import open_data
-    from onnxslim_edge.regress import compare_outputs
-    from onnxslim_edge.verify import _runner
+    from onnxslim_edge.verify import _runner, compare_outputs
 
     source = open_data(
         "random" if data is None else data, model, limit=samples, input_shapes=input_shapes or None

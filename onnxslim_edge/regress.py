@@ -54,7 +54,6 @@ __all__ = [
     "RegressResult",
     "Snapshot",
     "atomic_folder",
-    "compare_outputs",
     "load_golden",
     "model_signature",
     "parse_budget",
@@ -536,48 +535,6 @@ def _op_changes(golden: Mapping[str, int], cand: Mapping[str, int]) -> dict[str,
     }
 
 
-def compare_outputs(
-    reference: Sequence[Mapping[str, np.ndarray]],
-    candidate: Sequence[Mapping[str, np.ndarray]],
-    *,
-    samples: int,
-    rtol: float,
-    atol: float,
-    atol_mode: str = "range",
-    names: Sequence[str] | None = None,
-    data: str = "",
-    synthetic: bool = False,
-    messages: Sequence[str] = (),
-) -> Any:
-    """verify's metrics (a VerifyResult) of outputs already computed, batch by batch;
-    `names` defaults to the reference's outputs. `messages` fail the result."""
-    from onnxslim_edge.verify import VerifyResult, _Accumulator
-
-    if names is None:
-        names = list(reference[0]) if reference else []
-    acc = {n: _Accumulator(n) for n in names}
-    for ref, cand in zip(reference, candidate):
-        for n in names:
-            if n not in cand:
-                acc[n].fail(f"output '{n}' is missing from the candidate")
-            elif n in ref:
-                acc[n].update(ref[n], cand[n], rtol)
-    result = VerifyResult(
-        outputs={n: a.finish(rtol, atol, atol_mode) for n, a in acc.items()},
-        samples=samples,
-        synthetic=synthetic,
-        rtol=rtol,
-        atol=atol,
-        atol_mode=atol_mode,
-        data=data,
-        messages=list(messages),
-    )
-    if messages:
-        for m in result.outputs.values():
-            m.passed = False
-    return result
-
-
 def _fidelity(
     golden: Golden,
     candidate: onnx.ModelProto,
@@ -612,6 +569,8 @@ def _fidelity(
                 break
             outputs.append(dict(out))
             samples += next(iter(feed.values())).shape[0] if feed else 1
+    from onnxslim_edge.verify import compare_outputs
+
     return compare_outputs(
         golden.outputs[: len(outputs)],
         outputs,

@@ -70,6 +70,7 @@ __all__ = [
     "TaskMetric",
     "VerifyResult",
     "compare",
+    "compare_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -717,8 +718,8 @@ class Evaluator:
             messages.append(
                 "no samples were compared (the data is empty, or a one-shot iterator already used)"
             )
-        result = VerifyResult(
-            outputs={n: a.finish(self.rtol, self._atol(n), self.atol_mode) for n, a in acc.items()},
+        return _result(
+            {n: a.finish(self.rtol, self._atol(n), self.atol_mode) for n, a in acc.items()},
             samples=samples,
             messages=messages,
             task={k: v / samples for k, v in task_sums.items()} if samples else {},
@@ -728,10 +729,52 @@ class Evaluator:
             atol_mode=self.atol_mode,
             data=self.source.describe(),
         )
-        if messages:
-            for m in result.outputs.values():
-                m.passed = False
-        return result
+
+
+def _result(
+    outputs: dict[str, OutputMetrics], *, messages: list[str], **fields: Any
+) -> VerifyResult:
+    """The VerifyResult of finished per-output metrics; any message fails every output."""
+    if messages:
+        for m in outputs.values():
+            m.passed = False
+    return VerifyResult(outputs=outputs, messages=messages, **fields)
+
+
+def compare_outputs(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    candidate: Sequence[Mapping[str, np.ndarray]],
+    *,
+    samples: int,
+    rtol: float,
+    atol: float,
+    atol_mode: str = "range",
+    names: Sequence[str] | None = None,
+    data: str = "",
+    synthetic: bool = False,
+    messages: Sequence[str] = (),
+) -> Any:
+    """verify's metrics (a VerifyResult) of outputs already computed, batch by batch;
+    `names` defaults to the reference's outputs. `messages` fail the result."""
+    if names is None:
+        names = list(reference[0]) if reference else []
+    acc = {n: _Accumulator(n) for n in names}
+    for ref, cand in zip(reference, candidate):
+        for n in names:
+            if n not in cand:
+                acc[n].fail(f"output '{n}' is missing from the candidate")
+            elif n in ref:
+                acc[n].update(ref[n], cand[n], rtol)
+    return _result(
+        {n: a.finish(rtol, atol, atol_mode) for n, a in acc.items()},
+        samples=samples,
+        messages=list(messages),
+        synthetic=synthetic,
+        rtol=rtol,
+        atol=atol,
+        atol_mode=atol_mode,
+        data=data,
+    )
 
 
 def compare(
