@@ -104,15 +104,19 @@ class PassResult:
         return self.report.modified
 
 
-def model_input(source: Any) -> onnx.ModelProto:
+def model_input(source: Any, *, copy: bool = True) -> onnx.ModelProto:
     """A private copy of what a caller hands a pass or pipeline: a path, a ModelProto or
-    an onnx-graphsurgeon Graph (exported as it is). The caller's object is never changed."""
+    an onnx-graphsurgeon Graph (exported as it is). The caller's object is never changed.
+    A model read here from a path or bytes is private already and not copied; nor is a
+    ModelProto with `copy=False` (the caller hands it over: one model's size less)."""
     if not isinstance(source, (onnx.ModelProto, str)) and hasattr(source, "nodes"):
         from onnxslim_edge.graph import export_graph
 
         original = export_graph(source)  # may share tensor protos with the graph
     else:
         original = load_model(source)
+        if original is not source or not copy:
+            return original
     model = onnx.ModelProto()
     model.CopyFrom(original)
     return model

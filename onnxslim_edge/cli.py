@@ -278,7 +278,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         input_shapes=args.input_shape,
     )
     try:
-        result = pipeline.run(model, ctx)
+        result = pipeline.run(model, ctx, copy=False)  # ours alone: no copy
     except RuntimeError as exc:
         _input_cannot_be_checked(model, src, pipeline, exc)
         raise

@@ -103,6 +103,44 @@ def export_graph(graph: Any) -> onnx.ModelProto:
     return clamp_ir(gs.export_onnx(graph, do_type_check=False))
 
 
+def export_skeleton(graph: Any) -> onnx.ModelProto:
+    """`export_graph` with every constant of `SKELETON_THRESHOLD` bytes or more of the
+    main graph as a data-less stand-in (see `onnxslim_edge.model.skeleton`): for shape
+    inference and the checker, in the memory of the graph's structure, not of its
+    weights. The graph is not changed. Never run or save the result."""
+    import onnx_graphsurgeon as gs
+
+    from onnxslim_edge.model import SKELETON_THRESHOLD, stand_ins
+
+    stub = stand_ins()
+    swapped = []
+    try:
+        for tensor in graph.tensors().values():
+            if not isinstance(tensor, gs.Constant):
+                continue
+            values = tensor._values
+            nbytes = values.nbytes if isinstance(values, gs.ir.tensor.LazyValues) else None
+            if nbytes is None:
+                nbytes = getattr(values, "nbytes", 0)
+            dtype = getattr(values, "dtype", None)
+            if nbytes < SKELETON_THRESHOLD or dtype is None:
+                continue
+            if isinstance(values, gs.ir.tensor.LazyValues):
+                data_type = values.tensor.data_type
+            else:
+                try:
+                    data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+                except (KeyError, TypeError, ValueError):
+                    continue
+            proto = stub.make(tensor.name, data_type, list(values.shape), int(nbytes))
+            swapped.append((tensor, values))
+            tensor._values = gs.ir.tensor.LazyValues(proto)
+        return export_graph(graph)
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
+
+
 def clamp_ir(model: onnx.ModelProto) -> onnx.ModelProto:
     """Lower `model.ir_version` in place to the lowest its opsets and types need (ONNX
     Runtime 1.19 refuses IR > 10, which onnx-graphsurgeon writes); return the model."""
@@ -294,7 +332,10 @@ def fingerprint(model: onnx.ModelProto) -> str:
         h.update(b"out:" + value.name.encode())
     for t in sorted(model.graph.initializer, key=lambda t: t.name):
         h.update(b"init:" + t.name.encode() + str((t.data_type, list(t.dims))).encode())
-        h.update(numpy_helper.to_array(t).tobytes())
+        if t.data_location == onnx.TensorProto.EXTERNAL:  # e.g. a skeleton's stand-in
+            h.update(str([(e.key, e.value) for e in t.external_data]).encode())
+        else:
+            h.update(numpy_helper.to_array(t).tobytes())
     return h.hexdigest()
 
 
@@ -364,21 +405,23 @@ def infer_shapes(
     """
     from onnxslim_edge.analysis import shapes as _shapes
 
+    full = None
     if isinstance(source, onnx.ModelProto):
         model = source
     else:
-        try:
-            model, fingerprint = export_graph(source), None
+        try:  # structure and small tensors only: no copy of the weights
+            model, fingerprint = export_skeleton(source), None
         except Exception as exc:  # gs cannot export e.g. optional/sequence types
             log.debug("graph export for shape inference failed: %s", first_line(exc))
             return _declared(source)
+        full = lambda: export_graph(source)  # noqa: E731 (for a run, when one is needed)
     digest = fingerprint if fingerprint is not None else _fingerprint(model)
     key = _shape_key(model, digest, input_shapes)
     hit = _SHAPES.get(key)
     if hit is not None:
         _SHAPES.move_to_end(key)
         return dict(hit)
-    infos = _shapes.infer_model_shapes(model, input_shapes)
+    infos = _shapes.infer_model_shapes(model, input_shapes, full=full)
     _SHAPES[key] = dict(infos)
     while len(_SHAPES) > _SHAPES_KEPT:
         _SHAPES.popitem(last=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import signal
 import tempfile
@@ -47,6 +48,7 @@ __all__ = [
     "model_on_disk",
     "save_model",
     "skeleton",
+    "stand_ins",
     "tensor_bytes",
     "write_text_atomic",
 ]
@@ -214,7 +216,7 @@ def load_model_and_files(
             raise InvalidModelError(f"{origin}: model file not found")
         if path.is_dir():
             raise InvalidModelError(f"{origin}: is a folder, not an ONNX model file")
-        model = _parse(path.read_bytes(), origin)
+        model = _parse_file(path, origin)
         files.append(path)
         if base_dir is None:
             base_dir = path.parent
@@ -252,6 +254,116 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
     return model
 
 
+#: Files of at least this many bytes are parsed field by field from a memory map
+#: (`_parse_stream`), so the file's bytes and the parsed model are never both in memory.
+STREAM_PARSE_BYTES = 16 * 2**20
+#: `_parse_stream` merges consecutive small fields in runs of up to this many bytes.
+_STREAM_CHUNK = 2**20
+_MODEL_GRAPH_FIELD = 7  # ModelProto.graph
+
+
+def _parse_file(path: Path, origin: str) -> onnx.ModelProto:
+    """Parse the model file at `path`: small files in one go, large ones streamed."""
+    try:
+        size = path.stat().st_size
+        if size < STREAM_PARSE_BYTES:
+            return _parse(path.read_bytes(), origin)
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            model = _parse_stream(mm, origin)
+    except OSError as exc:
+        raise InvalidModelError(f"{origin}: cannot read the model file ({exc})") from exc
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise InvalidModelError(f"{origin}: not an ONNX model (no IR version or graph)")
+    return model
+
+
+def _read_varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    """Decode the protobuf varint at `buf[pos]`; return (value, position after it)."""
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise DecodeError("truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _wire_fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, field start, payload start, field end) of each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        tag, payload = _read_varint(buf, pos, end)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, stop = _read_varint(buf, payload, end)
+        elif wire == 1:
+            stop = payload + 8
+        elif wire == 2:
+            length, payload = _read_varint(buf, payload, end)
+            stop = payload + length
+        elif wire == 5:
+            stop = payload + 4
+        else:
+            raise DecodeError(f"unexpected wire type {wire} for field {number}")
+        if number == 0 or stop > end:
+            raise DecodeError("truncated message" if stop > end else "field number 0")
+        yield number, pos, payload, stop
+        pos = stop
+
+
+def _parse_stream(mm: mmap.mmap, origin: str) -> onnx.ModelProto:
+    """Parse a serialized ModelProto from `mm` one field (or run of small fields) at a
+    time, the graph's fields (initializers, nodes) each on their own, so at most one
+    large tensor's bytes are held besides the model being built; pages already parsed
+    are dropped from the mapping as it goes."""
+    model = onnx.ModelProto()
+    page = mmap.PAGESIZE
+
+    def merge(target: Any, a: int, b: int) -> None:
+        if a == b:
+            return
+        with memoryview(mm)[a:b] as part:
+            target.MergeFromString(part)
+        if b - a >= _STREAM_CHUNK and hasattr(mm, "madvise"):
+            lo = a - a % page
+            mm.madvise(mmap.MADV_DONTNEED, lo, b - lo)
+
+    def merge_runs(target: Any, fields: Iterator[tuple[int, int, int, int]]) -> None:
+        run_start = run_end = -1
+        for _, field_start, _, field_end in fields:
+            # a run is contiguous bytes: a skipped field (the graph) ends it
+            if run_start >= 0 and (field_start != run_end or field_end - run_start > _STREAM_CHUNK):
+                merge(target, run_start, run_end)
+                run_start = -1
+            if run_start < 0:
+                run_start = field_start
+            run_end = field_end
+        if run_start >= 0:
+            merge(target, run_start, run_end)
+
+    def top_level() -> Iterator[tuple[int, int, int, int]]:
+        for field in _wire_fields(mm, 0, len(mm)):
+            if field[0] == _MODEL_GRAPH_FIELD:
+                continue
+            yield field
+
+    try:
+        merge_runs(model, top_level())
+        for number, _, payload, stop in _wire_fields(mm, 0, len(mm)):
+            if number == _MODEL_GRAPH_FIELD:
+                # a graph given in several pieces merges, as protobuf's own parser does
+                model.graph.SetInParent()
+                merge_runs(model.graph, _wire_fields(mm, payload, stop))
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(
+            f"{origin}: not an ONNX model (protobuf decode failed: {exc})"
+        ) from exc
+    return model
+
+
 #: `skeleton` keeps tensors below this many bytes (shape tensors, scalars) with their data.
 SKELETON_THRESHOLD = 1024
 #: The external-data location a skeleton's stand-ins name (`check_model` makes it a sparse file).
@@ -269,15 +381,25 @@ class _Stubs:
         external = tensor.data_location == onnx.TensorProto.EXTERNAL
         if not external and tensor.ByteSize() < self.threshold:
             return tensor
-        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        stub = self.make(tensor.name, tensor.data_type, tensor.dims, _declared_bytes(tensor))
         stub.doc_string = tensor.doc_string
+        return stub
+
+    def make(self, name: str, data_type: int, dims: Sequence[int], length: int) -> onnx.TensorProto:
+        """A stand-in for a tensor of `length` bytes, next in SKELETON_DATA."""
+        stub = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
         stub.data_location = onnx.TensorProto.EXTERNAL
-        length = _declared_bytes(tensor)
         for key, value in (("location", SKELETON_DATA), ("offset", self.end), ("length", length)):
             entry = stub.external_data.add()
             entry.key, entry.value = key, str(value)
         self.end += length
         return stub
+
+
+def stand_ins(threshold: int | None = None) -> _Stubs:
+    """A maker of skeleton stand-ins (`skeleton`'s, for other representations:
+    `stand_ins().make(name, data_type, dims, nbytes)`)."""
+    return _Stubs(SKELETON_THRESHOLD if threshold is None else threshold)
 
 
 def _declared_bytes(tensor: onnx.TensorProto) -> int:

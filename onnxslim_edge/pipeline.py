@@ -168,9 +168,13 @@ class Pipeline(Pass):
     def __repr__(self) -> str:
         return "Pipeline([" + ", ".join(map(repr, self.passes)) + "])"
 
-    def run(self, model: Any, ctx: Context | None = None) -> PipelineResult:  # type: ignore[override]
-        """Run every pass on a copy of `model` (a path, ModelProto or gs.Graph)."""
-        original = model_input(model)
+    def run(  # type: ignore[override]
+        self, model: Any, ctx: Context | None = None, *, copy: bool = True
+    ) -> PipelineResult:
+        """Run every pass on a copy of `model` (a path, ModelProto or gs.Graph), never
+        changing it. `copy=False` hands a ModelProto over instead: no copy is made (one
+        model's size of memory less) and the caller must not change it during the run."""
+        original = model_input(model, copy=copy)
         if ctx is None:
             ctx = Context(target=self.target)
         if ctx.reference is None:

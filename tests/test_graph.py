@@ -14,6 +14,7 @@ from onnxslim_edge.graph import (
     clear_shapes_cache,
     const_value,
     export_graph,
+    export_skeleton,
     exposing_session,
     fingerprint,
     graph_from_model,
@@ -115,6 +116,55 @@ def test_measured_shapes_are_marked() -> None:
     infos = infer_shapes(model)
     assert infos["y"].shape == (2, 3) and infos["y"].measured
     assert not infos["s"].measured
+
+
+def _measured_matmul_model() -> onnx.ModelProto:
+    """x -> Reshape(shape through float arithmetic) -> MatMul(big w) -> y: ONNX cannot
+    follow the Reshape, so shape inference needs one ONNX Runtime run, with w's values."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    scale = numpy_helper.from_array(np.array([1, 1], np.float32), "scale")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["sf", "scale"], ["sm"]),
+        helper.make_node("Cast", ["sm"], ["si"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["x", "si"], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w, scale],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_export_skeleton_stands_in_for_big_constants_and_leaves_the_graph() -> None:
+    model = _measured_matmul_model()
+    graph = gs.import_onnx(model)
+    before = export_graph(graph).SerializeToString()
+    skel = export_skeleton(graph)
+    by_name = {t.name: t for t in skel.graph.initializer}
+    assert by_name["w"].data_location == TensorProto.EXTERNAL and not by_name["w"].raw_data
+    assert list(by_name["w"].dims) == [64, 64]
+    np.testing.assert_array_equal(numpy_helper.to_array(by_name["scale"]), [1, 1])  # small: kept
+    assert export_graph(graph).SerializeToString() == before  # the graph is unchanged
+    assert skel.ByteSize() < 1024 < model.ByteSize()
+
+
+def test_infer_shapes_of_a_graph_measures_with_the_real_weights() -> None:
+    """A graph's shapes come from its skeleton; the one ONNX Runtime run still gets the
+    weights (a stand-in cannot run), and the answer equals the model's."""
+    model = _measured_matmul_model()
+    clear_shapes_cache()
+    from_model = infer_shapes(model, {"x": (2, 64)})
+    clear_shapes_cache()
+    from_graph = infer_shapes(gs.import_onnx(model), {"x": (2, 64)})
+    assert from_graph == from_model
+    assert from_graph["y"].shape == (2, 64) and from_graph["r"].measured
 
 
 def test_exposing_session_returns_intermediates_without_changing_the_model() -> None:

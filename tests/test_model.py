@@ -228,3 +228,95 @@ def test_large_models_are_written_tensor_by_tensor(
     assert loaded.SerializeToString() == expected.SerializeToString()
     x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
     np.testing.assert_array_equal(_run(path, x), _run(model, x))
+
+
+def _big_model(n: int = 6, size: int = 64) -> onnx.ModelProto:
+    """A chain of MatMuls with weights big enough to be streamed field by field."""
+    rng = np.random.default_rng(1)
+    nodes, inits = [], []
+    for i in range(n):
+        w = rng.standard_normal((size, size)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        src = "x" if i == 0 else f"h{i - 1}"
+        nodes.append(helper.make_node("MatMul", [src, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
+        [helper.make_tensor_value_info(f"h{n - 1}", TensorProto.FLOAT, ["N", size])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.producer_name = "test"
+    helper.set_model_props(model, {"imgsz": "[320, 320]"})
+    return model
+
+
+@pytest.mark.parametrize("chunk", [1, 4096, 2**20])
+def test_streamed_parse_equals_protobufs_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    import onnxslim_edge.model as model_mod
+
+    model = _big_model()
+    path = save_model(model, tmp_path / "m.onnx")
+    whole = onnx.load(str(path))
+    monkeypatch.setattr(model_mod, "STREAM_PARSE_BYTES", 0)  # stream even this small file
+    monkeypatch.setattr(model_mod, "_STREAM_CHUNK", chunk)
+    streamed = load_model(path)
+    assert streamed.SerializeToString() == whole.SerializeToString()
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(_run(streamed, x), _run(whole, x))
+
+
+def test_streamed_parse_merges_a_graph_given_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxslim_edge.model as model_mod
+
+    model = _big_model(n=2)
+    # protobuf merges a repeated message field: serialize the graph as two pieces
+    first, second = onnx.GraphProto(), onnx.GraphProto()
+    first.CopyFrom(model.graph)
+    del first.initializer[1:]
+    second.initializer.extend(model.graph.initializer[1:])
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    head.ClearField("graph")
+    tag = bytes([(7 << 3) | 2])
+    pieces = b"".join(
+        tag + _varint_bytes(len(p)) + p
+        for p in (first.SerializeToString(), second.SerializeToString())
+    )
+    path = tmp_path / "pieces.onnx"
+    path.write_bytes(head.SerializeToString() + pieces)
+    monkeypatch.setattr(model_mod, "STREAM_PARSE_BYTES", 0)
+    streamed = load_model(path, check=False)
+    expected = onnx.ModelProto()
+    expected.ParseFromString(path.read_bytes())
+    assert streamed.SerializeToString() == expected.SerializeToString()
+    assert [t.name for t in streamed.graph.initializer] == ["w0", "w1"]
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.999])
+def test_streamed_parse_refuses_a_truncated_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: float
+) -> None:
+    import onnxslim_edge.model as model_mod
+
+    data = _big_model().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * cut)])
+    monkeypatch.setattr(model_mod, "STREAM_PARSE_BYTES", 0)
+    with pytest.raises(InvalidModelError, match=r"cut\.onnx") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)

@@ -176,6 +176,31 @@ def test_pipeline_never_changes_the_callers_model() -> None:
     assert [n.op_type for n in result.model.graph.node] == ["Relu", "Gemm"]
 
 
+def test_model_input_copies_only_what_the_caller_still_owns(tmp_path, monkeypatch) -> None:
+    from onnxslim_edge import base
+
+    model = _model()
+    assert base.model_input(model, copy=False) is model  # handed over
+    private = base.model_input(model)
+    assert private is not model and private.SerializeToString() == model.SerializeToString()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    loaded = []
+    real = base.load_model
+    monkeypatch.setattr(base, "load_model", lambda src: loaded.append(real(src)) or loaded[-1])
+    assert base.model_input(str(path)) is loaded[-1]  # read from a file: private already
+    assert base.model_input(path.read_bytes()) is loaded[-1]
+
+
+def test_pipeline_without_a_copy_gives_the_same_result_and_leaves_the_model() -> None:
+    model = _model()
+    before = model.SerializeToString()
+    handed = Pipeline([DropIdentity()]).run(model, copy=False)
+    copied = Pipeline([DropIdentity()]).run(_model())
+    assert model.SerializeToString() == before  # the passes still never write to it
+    assert handed.model.SerializeToString() == copied.model.SerializeToString()
+
+
 def test_report_counts_come_from_real_changes() -> None:
     result = Pipeline([DropIdentity(), DropIdentity()]).run(_model())
     first, second = result.report.passes

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,7 +369,10 @@ def _runtime_shapes(
 
 
 def infer_model_shapes(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    full: Callable[[], onnx.ModelProto] | None = None,
 ) -> dict[str, TensorInfo]:
     """The engine behind `onnxslim_edge.graph.infer_shapes` (call that one: it caches).
 
@@ -379,13 +382,15 @@ def infer_model_shapes(
     symbolic dims it does not cover (all, when it is `{}`) take the value another input
     gave the same dim name, else 1. Tensors whose rank stays unknown are left out.
     Raises DataError for `input_shapes` that do not fit the model. Never changes `model`.
+
+    ONNX's inference runs on a `skeleton` (no copy of the weights); only the ONNX Runtime
+    run needs them, from `full()` when `model` is a skeleton itself (default: `model`).
     """
     known_params = _dim_params(model)
     concrete = _concrete_inputs(model, input_shapes)  # validates input_shapes first
     work = model
     if input_shapes is not None:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
+        work = skeleton(model)
         if concrete is not None:
             _set_input_shapes(work, concrete)
         # Stale intermediate shapes (e.g. symbolic dims from an exporter) would merge in.
@@ -400,10 +405,12 @@ def infer_model_shapes(
     if concrete is None:
         log.debug("%d tensors have no concrete shape; input shapes are not concrete", len(pending))
         return infos
-    if work is model:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-        _set_input_shapes(work, concrete)
+    work = onnx.ModelProto()  # the one copy with weights, for the run
+    work.CopyFrom(model if full is None else full())
+    _set_input_shapes(work, concrete)
+    if input_shapes is not None:
+        for graph in iter_graphs(work.graph):
+            del graph.value_info[:]
     # Expose every runtime-typed intermediate: one run answers for all of them.
     elem_types = _elem_types(inferred)
     exposed = [
