@@ -168,7 +168,9 @@ def optimize_stack(model_path: Path, out_path: Path, calibration: Any = None) ->
     from importlib.resources import files
 
     from onnxslim_edge.pipeline import Context, Pipeline
+    from onnxslim_edge.runtime import return_freed_memory
 
+    return_freed_memory()  # as the CLI does
     recipe = Path(str(files("onnxslim_edge") / "recipes" / "lossless.toml"))
     result = Pipeline.from_recipe(recipe).run(Path(model_path), Context())
     result.save(out_path)

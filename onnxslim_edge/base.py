@@ -15,6 +15,7 @@ cost after one pass is the cost before the next.
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -267,6 +268,7 @@ class Checks:
         self.max_samples = max_samples
         self.data: _CheckData | None = None
         self._noise: dict[str, tuple[dict[str, float], dict[str, float | None]]] = {}
+        self._outputs: dict[str, list[dict[str, Any]]] = {}  # the latest model's, by fingerprint
 
     def start(self, original: onnx.ModelProto, ctx: Context) -> None:
         """Compare on inputs for `original` (read on first use) from now on, and resolve
@@ -309,22 +311,69 @@ class Checks:
 
         assert self.data is not None, "Checks.start() comes first"
         tolerances, noise = self.noise_tolerances(before)
-        result = compare(
-            before,
-            after,
-            data=self.data.get(),
-            rtol=self.rtol,
-            atol=tolerances,
-            atol_mode="absolute",
-            max_samples=self.max_samples,
-            input_shapes=ctx.input_shapes,
-            seed=ctx.seed,
-        )
+        reference = self._outputs.get(fingerprint(before))
+        if reference is not None:  # `before` ran on the check data already: only `after` runs
+            result = self._compare_with(reference, after, tolerances)
+        else:
+            result = compare(
+                before,
+                after,
+                data=self.data.get(),
+                rtol=self.rtol,
+                atol=tolerances,
+                atol_mode="absolute",
+                max_samples=self.max_samples,
+                input_shapes=ctx.input_shapes,
+                seed=ctx.seed,
+            )
         summary = result.to_dict()
         summary["float_noise"] = noise
         if not result.passed:
             raise FidelityError(f"lossless pass '{name}' changed the outputs: {result.summary()}")
         return summary
+
+    def _compare_with(
+        self, reference: list[dict[str, Any]], after: onnx.ModelProto, atol: dict[str, float]
+    ) -> Any:
+        """`after` on the check data against `reference` (outputs per feed)."""
+        from onnxslim_edge.runtime import make_session
+        from onnxslim_edge.verify import compare_outputs
+
+        assert self.data is not None
+        source = self.data.get()
+        outputs: list[dict[str, Any]] = []
+        messages: list[str] = []
+        try:
+            session = make_session(after)
+            wanted = {i.name for i in session.get_inputs()}
+            names = [o.name for o in session.get_outputs()]
+            for feed in itertools.islice(source, len(reference)):
+                missing = sorted(wanted - set(feed))
+                if missing:
+                    messages.append(
+                        "candidate: needs input(s) the reference does not take: "
+                        + ", ".join(missing)
+                    )
+                    break
+                values = session.run(None, {k: v for k, v in feed.items() if k in wanted})
+                outputs.append(dict(zip(names, values)))
+        except OnnxSlimEdgeError as exc:
+            messages.append(str(exc))
+        except Exception as exc:
+            messages.append(f"candidate: ONNX Runtime failed: {first_line(exc)}")
+        finally:
+            session = None
+        return compare_outputs(
+            reference[: len(outputs)] if outputs else reference,
+            outputs,
+            samples=len(outputs),
+            rtol=self.rtol,
+            atol=atol,
+            atol_mode="absolute",
+            synthetic=bool(getattr(source, "is_synthetic", False)),
+            data=source.describe() if hasattr(source, "describe") else "",
+            messages=messages if outputs or messages else ["no samples were compared"],
+        )
 
     def noise_tolerances(
         self, model: onnx.ModelProto
@@ -348,24 +397,27 @@ class Checks:
         noise: dict[str, float | None] = {}
         scale: dict[str, float] = {}
         dtypes: dict[str, np.dtype] = {}
-        try:
-            plain = make_session(model, optimization="disable")
-            fused = make_session(model, optimization="all")
-        except OnnxSlimEdgeError as exc:
-            log.info("no noise measurement (%s): dtype floors only", exc)
-            plain = fused = None
         names = [o.name for o in model.graph.output]
-        wanted = set() if plain is None else {i.name for i in plain.get_inputs()}
-        for i, feed in enumerate(self.data.get() if plain is not None else ()):
-            if i >= self.max_samples:
-                break
-            feed = {k: v for k, v in feed.items() if k in wanted}
+        # One session at a time (each holds the weights): all plain runs, then all fused.
+        runs: list[list[list[Any]]] = []
+        for level in ("disable", "all"):
             try:
-                pairs = zip(names, plain.run(None, feed), fused.run(None, feed))
+                session = make_session(model, optimization=level)
+                wanted = {i.name for i in session.get_inputs()}
+                feeds = itertools.islice(self.data.get(), self.max_samples)
+                runs.append(
+                    [session.run(None, {k: v for k, v in f.items() if k in wanted}) for f in feeds]
+                )
             except Exception as exc:  # the comparison itself reports a failing model
-                log.info("no noise measurement: %s", first_line(exc))
+                log.info("no noise measurement (%s): dtype floors only", first_line(exc))
+                runs = []
                 break
-            for n, a, b in pairs:
+            finally:
+                session = None
+        if runs:  # the optimized run's outputs: the reference `compare_lossless` uses
+            self._outputs = {key: [dict(zip(names, out)) for out in runs[1]]}
+        for plain_outputs, fused_outputs in zip(*runs) if runs else ():
+            for n, a, b in zip(names, plain_outputs, fused_outputs):
                 a, b = np.asarray(a), np.asarray(b)
                 if a.dtype.kind != "f" or a.size == 0 or a.shape != b.shape:
                     continue

@@ -753,6 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = 0
     try:
         with _sigterm_unwinds():
+            from onnxslim_edge.runtime import return_freed_memory
+
+            return_freed_memory()
             parser = build_parser()
             args = parser.parse_args(argv)
             verbose = args.verbose

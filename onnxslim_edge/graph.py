@@ -109,6 +109,7 @@ def export_skeleton(graph: Any) -> onnx.ModelProto:
     inference and the checker, in the memory of the graph's structure, not of its
     weights. The graph is not changed. Never run or save the result."""
     import onnx_graphsurgeon as gs
+    from onnx import numpy_helper
 
     from onnxslim_edge.model import SKELETON_THRESHOLD, stand_ins
 
@@ -125,20 +126,42 @@ def export_skeleton(graph: Any) -> onnx.ModelProto:
             dtype = getattr(values, "dtype", None)
             if nbytes < SKELETON_THRESHOLD or dtype is None:
                 continue
+            export = getattr(tensor, "export_dtype", None)
             if isinstance(values, gs.ir.tensor.LazyValues):
                 data_type = values.tensor.data_type
+                array = numpy_helper.to_array(values.tensor)  # one tensor's copy, to hash
             else:
                 try:
                     data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+                    if export is not None and np.dtype(export) != np.dtype(dtype):
+                        continue  # stored as another ONNX type (bfloat16, float8)
                 except (KeyError, TypeError, ValueError):
                     continue
+                array = values
             proto = stub.make(tensor.name, data_type, list(values.shape), int(nbytes))
+            entry = proto.external_data.add()  # so `fingerprint` sees the values
+            entry.key, entry.value = _DIGEST_KEY, _values_digest(array).hex()
+            del array
             swapped.append((tensor, values))
             tensor._values = gs.ir.tensor.LazyValues(proto)
         return export_graph(graph)
     finally:
         for tensor, values in swapped:
             tensor._values = values
+
+
+#: The external-data entry in which `export_skeleton` records a stand-in's value digest.
+_DIGEST_KEY = "onnxslim_edge_digest"
+
+
+def _values_digest(values: np.ndarray) -> bytes:
+    """The digest `fingerprint` hashes for a tensor's values (C order, its dtype)."""
+    array = np.ascontiguousarray(values)
+    if array.dtype.kind == "O":  # strings: their text, not the object pointers
+        data: Any = repr(array.tolist()).encode()
+    else:
+        data = array.reshape(-1).view(np.uint8)
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def clamp_ir(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -332,10 +355,13 @@ def fingerprint(model: onnx.ModelProto) -> str:
         h.update(b"out:" + value.name.encode())
     for t in sorted(model.graph.initializer, key=lambda t: t.name):
         h.update(b"init:" + t.name.encode() + str((t.data_type, list(t.dims))).encode())
-        if t.data_location == onnx.TensorProto.EXTERNAL:  # e.g. a skeleton's stand-in
-            h.update(str([(e.key, e.value) for e in t.external_data]).encode())
+        info = {e.key: e.value for e in t.external_data}
+        if t.data_location == onnx.TensorProto.EXTERNAL and _DIGEST_KEY in info:
+            h.update(bytes.fromhex(info[_DIGEST_KEY]))  # an `export_skeleton` stand-in
+        elif t.data_location == onnx.TensorProto.EXTERNAL:
+            h.update(str(sorted(info.items())).encode())
         else:
-            h.update(numpy_helper.to_array(t).tobytes())
+            h.update(_values_digest(numpy_helper.to_array(t)))
     return h.hexdigest()
 
 

@@ -20,7 +20,7 @@ import mmap
 import os
 import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -385,11 +385,18 @@ class _Stubs:
         stub.doc_string = tensor.doc_string
         return stub
 
-    def make(self, name: str, data_type: int, dims: Sequence[int], length: int) -> onnx.TensorProto:
-        """A stand-in for a tensor of `length` bytes, next in SKELETON_DATA."""
+    def make(
+        self,
+        name: str,
+        data_type: int,
+        dims: Sequence[int],
+        length: int,
+        location: str = SKELETON_DATA,
+    ) -> onnx.TensorProto:
+        """A stand-in for a tensor of `length` bytes, next in `location`."""
         stub = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
         stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", SKELETON_DATA), ("offset", self.end), ("length", length)):
+        for key, value in (("location", location), ("offset", self.end), ("length", length)):
             entry = stub.external_data.add()
             entry.key, entry.value = key, str(value)
         self.end += length
@@ -489,10 +496,16 @@ def skeleton(model: onnx.ModelProto, threshold: int | None = None) -> onnx.Model
     not serialize the whole model (twice its size) for onnx's C++ code. Never run or
     save a skeleton as a model.
     """
+    return _skeleton_with(model, _Stubs(SKELETON_THRESHOLD if threshold is None else threshold))
+
+
+def _skeleton_with(
+    model: onnx.ModelProto, stub: Callable[[onnx.TensorProto], Any]
+) -> onnx.ModelProto:
+    """A copy of `model` with each tensor (subgraphs included) replaced by `stub(tensor)`."""
     copy = onnx.ModelProto()
     _copy_fields(model, copy, skip="graph")
-    stubs = _Stubs(SKELETON_THRESHOLD if threshold is None else threshold)
-    copy.graph.CopyFrom(_skeleton_graph(model.graph, stubs))
+    copy.graph.CopyFrom(_skeleton_graph(model.graph, stub))
     return copy
 
 
@@ -612,40 +625,35 @@ _EXTERNAL_THRESHOLD = 1024
 def _write_external(model: onnx.ModelProto, path: Path, data_path: Path, location: str) -> None:
     """`path` plus its tensors in `data_path` (named `location` in the model), no copy.
 
-    Each large tensor's bytes are moved to the data file and the tensor points there
-    while the (now small) model is serialized; then every tensor is restored, also on
-    error. Peak memory stays at the model plus one tensor, where a copy would double it.
+    The model file is a `skeleton` whose stand-ins point into `data_path`, written
+    tensor by tensor as the skeleton is made; `model` itself is never changed (moving
+    bytes out of a tensor and back would grow its protobuf arena by the model's size
+    each time). Peak memory: the model plus one tensor.
     """
-    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
-    try:
-        with open(data_path, "wb") as data:
-            for tensor in iter_tensors(model):
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    continue
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < _EXTERNAL_THRESHOLD:
-                    continue
-                raw = tensor.raw_data
-                offset = data.tell()
-                data.write(raw)
-                moved.append((tensor, raw, tensor.HasField("data_location")))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (
-                    ("location", location),
-                    ("offset", offset),
-                    ("length", len(raw)),
-                ):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
-        path.write_bytes(model.SerializeToString())
-    finally:
-        for tensor, raw, had_location in moved:
-            del tensor.external_data[:]
-            if had_location:
-                tensor.data_location = onnx.TensorProto.DEFAULT
-            else:
-                tensor.ClearField("data_location")
-            tensor.raw_data = raw
+    with open(data_path, "wb") as data:
+        skel = _skeleton_with(model, _Externalizer(data, location))
+    path.write_bytes(skel.SerializeToString())
+
+
+class _Externalizer(_Stubs):
+    """Stand-ins for raw tensors of `_EXTERNAL_THRESHOLD` bytes or more that point at
+    their bytes, written to `data` (named `location`) as they are made."""
+
+    def __init__(self, data: Any, location: str) -> None:
+        super().__init__(_EXTERNAL_THRESHOLD)
+        self.data, self.location = data, location
+
+    def __call__(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+            return tensor  # data elsewhere already, or typed fields (kept in the model)
+        if tensor.ByteSize() < self.threshold:
+            return tensor
+        raw = tensor.raw_data  # one tensor's bytes, freed when written
+        self.end = self.data.tell()
+        self.data.write(raw)
+        stub = self.make(tensor.name, tensor.data_type, tensor.dims, len(raw), self.location)
+        stub.doc_string = tensor.doc_string
+        return stub
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output", *, probe: bool = True) -> Path:
@@ -882,9 +890,12 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 @contextlib.contextmanager
-def model_on_disk(model: onnx.ModelProto) -> Iterator[Path]:
-    """A temporary file holding `model` (external data when over 2 GB), removed after use."""
+def model_on_disk(model: onnx.ModelProto, *, external: bool | None = None) -> Iterator[Path]:
+    """A temporary file holding `model`, removed after use; its large tensors in an
+    external-data file beside it with `external` (default: when over 2 GB)."""
+    if external is None:
+        external = model_bytes(model) >= PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(prefix="onnxslim-edge-") as tmp:
         path = Path(tmp) / "model.onnx"
-        _write(model, path, external=model_bytes(model) >= PROTOBUF_LIMIT)
+        _write(model, path, external=external)
         yield path

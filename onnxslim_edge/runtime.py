@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,27 @@ def serialized(model: onnx.ModelProto) -> bytes:
         model.ir_version = ir
 
 
+#: glibc's M_MMAP_THRESHOLD (mallopt parameter number).
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory(threshold: int = 2**20) -> bool:
+    """Have glibc's malloc serve blocks of `threshold` bytes or more by mmap, so freed
+    weights and session buffers go back to the system (by default the threshold grows
+    with each large free, and big freed blocks then stay in the heap: a run's resident
+    memory only ever grows). For the CLI's process; False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
 def make_session(
     model: onnx.ModelProto | str | os.PathLike,
     *,
@@ -107,8 +129,10 @@ def make_session(
     opts.graph_optimization_level = levels[optimization]
     try:
         if isinstance(model, onnx.ModelProto):
-            if model_bytes(model) >= STREAM_THRESHOLD:  # written without a serialized copy
-                with model_on_disk(model) as path:
+            if model_bytes(model) >= STREAM_THRESHOLD:
+                # Written without a serialized copy, weights as external data: ONNX
+                # Runtime then holds them once (from bytes it keeps the parsed proto too).
+                with model_on_disk(model, external=True) as path:
                     return ort.InferenceSession(str(path), opts, providers=list(providers))
             return ort.InferenceSession(serialized(model), opts, providers=list(providers))
         if not os.path.exists(model):

@@ -537,8 +537,8 @@ def _runner(model: onnx.ModelProto, label: str) -> Iterator[Any]:
     from onnxslim_edge.runtime import serialized
 
     with contextlib.ExitStack() as stack:
-        if model_bytes(model) >= STREAM_THRESHOLD:  # a file written without a serialized copy
-            source: Any = str(stack.enter_context(model_on_disk(model)))
+        if model_bytes(model) >= STREAM_THRESHOLD:  # no serialized copy; weights held once
+            source: Any = str(stack.enter_context(model_on_disk(model, external=True)))
         else:
             source = serialized(model)
         runner = _runner_class()(SessionFromOnnx(source, providers=["cpu"]), name=label)
@@ -747,7 +747,7 @@ def compare_outputs(
     *,
     samples: int,
     rtol: float,
-    atol: float,
+    atol: float | Mapping[str, float],
     atol_mode: str = "range",
     names: Sequence[str] | None = None,
     data: str = "",
@@ -755,7 +755,8 @@ def compare_outputs(
     messages: Sequence[str] = (),
 ) -> Any:
     """verify's metrics (a VerifyResult) of outputs already computed, batch by batch;
-    `names` defaults to the reference's outputs. `messages` fail the result."""
+    `names` defaults to the reference's outputs. `messages` fail the result. `atol` may
+    be given per output (a mapping; 0 for one it does not name)."""
     if names is None:
         names = list(reference[0]) if reference else []
     acc = {n: _Accumulator(n) for n in names}
@@ -766,7 +767,12 @@ def compare_outputs(
             elif n in ref:
                 acc[n].update(ref[n], cand[n], rtol)
     return _result(
-        {n: a.finish(rtol, atol, atol_mode) for n, a in acc.items()},
+        {
+            n: a.finish(
+                rtol, float(atol.get(n, 0.0)) if isinstance(atol, Mapping) else atol, atol_mode
+            )
+            for n, a in acc.items()
+        },
         samples=samples,
         messages=list(messages),
         synthetic=synthetic,

@@ -379,6 +379,7 @@ def _fold_one(
         return False
 
     _fold_static_shapes(graph, shapes, outputs)
+    _fold_data_movement(graph, limit, outputs)
     ir_version = graph.ir_version
     # gs exports the folding graph with this IR version: ONNX Runtime 1.19 refuses IR > 10,
     # and below IR 4 every initializer would have to be a graph input.
@@ -422,6 +423,109 @@ def _fold_one(
                 break
     finally:
         graph.ir_version = ir_version
+
+
+#: Ops that only move data, folded here in numpy (exact) before onnx-graphsurgeon's
+#: folding, which would export their inputs to an ONNX Runtime session (several copies
+#: of each weight at once: a transposed weight costs 4x its size there).
+_DATA_MOVEMENT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+_FOLDABLE_KINDS = frozenset("fiub")
+
+
+def _fold_data_movement(graph: gs.Graph, limit: int, outputs: set[str]) -> None:
+    """Replace each data-movement node whose inputs are initializers by its result, one
+    tensor at a time; its input's data is read without being kept in the graph."""
+    opset = _default_opset(graph)
+    for node in list(graph.nodes):
+        if node.op not in _DATA_MOVEMENT_OPS or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if out.name in outputs or not isinstance(out, gs.Variable):
+            continue
+        inputs = [t for t in node.inputs if not t.is_empty()]
+        if not inputs or not all(isinstance(t, gs.Constant) for t in inputs):
+            continue
+        if any(_stored_dtype(t) is None for t in inputs):
+            continue
+        if _volume(inputs[0].shape) * _stored_dtype(inputs[0]).itemsize > limit:
+            continue
+        try:
+            value = _move_data(node, [_peek(t) for t in node.inputs], opset)
+        except (ValueError, TypeError, IndexError):
+            continue  # an invalid node: left to the runtime, which reports it
+        if value is None:
+            continue
+        # (np.ascontiguousarray would make a 0-d result 1-d)
+        out.to_constant(value if value.flags.c_contiguous else value.copy(order="C"))
+        node.outputs.clear()
+        node.inputs.clear()
+
+
+def _default_opset(graph: gs.Graph) -> int:
+    return int(graph.opset) if graph.opset else 13
+
+
+def _stored_dtype(tensor: Any) -> np.dtype | None:
+    """The numpy dtype of a constant's stored values when it is plain data (no export
+    dtype such as bfloat16 stored another way), else None."""
+    values = tensor._values
+    dtype = (
+        values.dtype
+        if isinstance(values, gs.ir.tensor.LazyValues)
+        else getattr(values, "dtype", None)
+    )
+    if dtype is None or np.dtype(dtype).kind not in _FOLDABLE_KINDS:
+        return None
+    export = getattr(tensor, "export_dtype", None)
+    try:
+        if export is not None and np.dtype(export) != np.dtype(dtype):
+            return None
+    except TypeError:  # an ONNX-only type (bfloat16, float8)
+        return None
+    return np.dtype(dtype)
+
+
+def _peek(tensor: Any) -> np.ndarray | None:
+    """A constant's values; a lazily loaded one stays lazy (no copy kept in the graph)."""
+    if tensor.is_empty():
+        return None
+    values = tensor._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        return values.load()
+    return np.asarray(values)
+
+
+def _move_data(node: Any, values: list[np.ndarray | None], opset: int) -> np.ndarray | None:
+    """`node`'s result on constant `values` for the ops of `_DATA_MOVEMENT_OPS`."""
+    x = values[0]
+    if x is None:
+        return None
+    attrs = node.attrs
+    if node.op == "Transpose":
+        perm = attrs.get("perm")
+        return np.transpose(x, None if perm is None else [int(p) for p in perm])
+    if node.op == "Reshape":
+        if len(values) < 2 or values[1] is None:
+            return None
+        shape = [int(d) for d in values[1].reshape(-1)]
+        if not attrs.get("allowzero", 0):
+            shape = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(shape)]
+        return x.reshape(shape)
+    if node.op == "Flatten":
+        axis = int(attrs.get("axis", 1))
+        axis = axis + x.ndim if axis < 0 else axis
+        if not 0 <= axis <= x.ndim:
+            return None
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+    axes_value = attrs.get("axes") if opset < 13 else (values[1] if len(values) > 1 else None)
+    axes = None if axes_value is None else tuple(int(a) for a in np.asarray(axes_value).reshape(-1))
+    if node.op == "Unsqueeze":
+        return None if axes is None else np.expand_dims(x, axes)
+    if axes is None:  # Squeeze of every length-1 axis
+        return np.squeeze(x)
+    if any(x.shape[a] != 1 for a in axes):
+        return None
+    return np.squeeze(x, axis=axes)
 
 
 def _fold_static_shapes(graph: gs.Graph, shapes: dict[str, Any], outputs: set[str]) -> None:

@@ -198,3 +198,16 @@ def test_fingerprint_sees_values_not_storage() -> None:
         numpy_helper.from_array(np.full((2, 3), 0.25, np.float32), "w")
     )
     assert fingerprint(other) != fingerprint(model)
+
+
+def test_a_skeletons_fingerprint_is_its_models() -> None:
+    """Shapes are cached by fingerprint: a graph's skeleton and its full export must
+    agree, and a changed weight must still change it."""
+    model = _measured_matmul_model()
+    graph = gs.import_onnx(model)
+    assert fingerprint(export_skeleton(graph)) == fingerprint(export_graph(graph))
+    assert fingerprint(export_skeleton(graph)) == fingerprint(model)
+    w = graph.tensors()["w"]
+    w.values = np.array(w.values) * 1.0001
+    assert fingerprint(export_skeleton(graph)) != fingerprint(model)
+    assert fingerprint(export_skeleton(graph)) == fingerprint(export_graph(graph))

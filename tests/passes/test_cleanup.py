@@ -101,6 +101,98 @@ def test_constant_chain_folds(opset: int) -> None:
     _assert_equivalent(model, cleaned)
 
 
+def _movement_case(op: str, opset: int) -> tuple[list, list, tuple[int, ...]]:
+    """(nodes, initializers, x shape) for `op` on an initializer `w`, then MatMul(x, .)."""
+    w = np.arange(24, dtype=np.float32).reshape(2, 3, 4) - 7.5
+    inits = [_init("w", w)]
+    axes_as_input = opset >= 13
+    if op == "Transpose":
+        nodes = [helper.make_node("Transpose", ["w"], ["m"], perm=[2, 0, 1])]  # (4, 2, 3)
+        x = (4, 5, 2)
+    elif op == "Reshape":
+        inits.append(_init("s", np.array([0, -1, 2], np.int64)))  # 0 copies the dim: (2, 6, 2)
+        nodes = [helper.make_node("Reshape", ["w", "s"], ["m"])]
+        x = (2, 3, 6)
+    elif op == "Flatten":
+        nodes = [helper.make_node("Flatten", ["w"], ["m"], axis=-1)]  # (6, 4)
+        x = (3, 6)
+    elif op == "Unsqueeze":
+        if axes_as_input:
+            inits.append(_init("ax", np.array([0, -2], np.int64)))
+            nodes = [helper.make_node("Unsqueeze", ["w", "ax"], ["m"])]
+        else:
+            nodes = [helper.make_node("Unsqueeze", ["w"], ["m"], axes=[0, -2])]
+        x = (1, 2, 3, 5, 1)  # m: (1, 2, 3, 1, 4)
+    else:  # Squeeze of an Unsqueeze: two movement folds in a row
+        nodes = [helper.make_node("Unsqueeze", ["w", "ax"], ["u"])]
+        inits.append(_init("ax", np.array([1], np.int64)))
+        nodes.append(helper.make_node("Squeeze", ["u", "ax"], ["m"]))
+        x = (2, 5, 3)
+    nodes.append(helper.make_node("MatMul", ["x", "m"], ["y"]))
+    return nodes, inits, x
+
+
+@pytest.mark.parametrize("op", ["Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze"])
+def test_data_movement_of_weights_folds_in_numpy_exactly(op: str, monkeypatch) -> None:
+    """Transposed/reshaped weights fold without onnx-graphsurgeon's ONNX Runtime export
+    (which holds several copies of each weight at once), bit-exactly."""
+    opset = 11 if op == "Unsqueeze" else 13
+    nodes, inits, x = _movement_case(op, opset if op != "Squeeze" else 13)
+    model = _model(nodes, {"x": x}, ["y"], inits, opset if op != "Squeeze" else 13)
+    calls = []
+    real = gs.Graph.fold_constants
+    monkeypatch.setattr(
+        gs.Graph,
+        "fold_constants",
+        lambda self, **k: calls.append(sum(1 for n in self.nodes if n.outputs)) or real(self, **k),
+    )
+    cleaned, report = _clean(model)
+    assert _ops(cleaned) == ["MatMul"]
+    assert report.counters["folded"] == len(nodes) - 1
+    feed = {"x": np.random.default_rng(0).standard_normal(x).astype(np.float32)}
+    np.testing.assert_array_equal(_run(cleaned, feed)[0], _run(model, feed)[0])
+    # onnx-graphsurgeon still runs, but had nothing left to evaluate: only MatMul remained
+    assert calls and all(n == 1 for n in calls)
+
+
+def test_data_movement_fold_keeps_a_scalar_a_scalar() -> None:
+    """Squeeze/Reshape to rank 0 (Range, Pow exponents need scalars): the folded
+    initializer has shape (), not (1,)."""
+    nodes = [
+        helper.make_node("Squeeze", ["one"], ["s"]),
+        helper.make_node("Reshape", ["two", "empty"], ["r"]),
+        helper.make_node("Range", ["s", "r", "s"], ["steps"]),
+        helper.make_node("Cast", ["steps"], ["y"], to=TensorProto.FLOAT),
+    ]
+    inits = [
+        _init("one", np.array([1], np.int64)),
+        _init("two", np.array([[5]], np.int64)),
+        _init("empty", np.zeros((0,), np.int64)),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    cleaned, _ = _clean(model, fold_constants=True)
+    assert "Squeeze" not in _ops(cleaned) and "Reshape" not in _ops(cleaned)
+    np.testing.assert_array_equal(_run(cleaned, {})[0], [1, 2, 3, 4])
+
+
+def test_data_movement_fold_respects_the_budget_and_graph_outputs() -> None:
+    w = np.ones((64, 64), np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    model = _model(nodes, {"x": (1, 64)}, ["y", "wt"], [_init("w", w)], 13)
+    cleaned, _ = _clean(model)
+    assert "Transpose" in _ops(cleaned)  # a graph output keeps its producer
+    model = _model(nodes, {"x": (1, 64)}, ["y"], [_init("w", w)], 13)
+    cleaned, _ = _clean(model, fold_size_limit=1024)
+    assert "Transpose" in _ops(cleaned)  # 16 KiB > the 1 KiB budget
+
+
 @pytest.mark.parametrize("opset", OPSETS)
 def test_static_shape_arithmetic_folds(opset: int) -> None:
     nodes = [
