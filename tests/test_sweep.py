@@ -1,0 +1,294 @@
+"""Sweeps on Ray (onnxslim_edge/sweep/run.py) on the bundled digits CNN.
+
+Each sweep starts a local Ray (2 CPUs, no dashboard) and must stop it: every test
+checks that no raylet or gcs_server is left among this process's children.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray", reason="sweeps need the sweep extra (ray[tune])")
+psutil = pytest.importorskip("psutil")
+
+from onnxslim_edge.demo import DIGITS_MODEL, DIGITS_TEST  # noqa: E402
+from onnxslim_edge.sweep.run import run_sweep  # noqa: E402
+from onnxslim_edge.sweep.space import load_space  # noqa: E402
+
+RAY_DAEMONS = ("raylet", "gcs_server")
+
+# Two options: prune 10 % or 30 % of the MACs, with or without int8 after it.
+GRID = """
+target = "onnxruntime-cpu"
+
+[[pass]]
+name = "cleanup"
+
+[[pass]]
+name = "fold-batchnorm"
+
+[[pass]]
+name = "prune-channels"
+macs_reduction = [0.1, 0.3]
+
+[[pass]]
+name = "quantize"
+enabled = [false, true]
+method = "minmax"
+
+[objectives]
+cost = ["size"]
+fidelity = "top1_agreement"
+
+[constraints]
+min_top1_agreement = 0.9
+"""
+
+
+def _ray_children() -> list[str]:
+    names = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            names.append(child.name())
+        except psutil.Error:
+            continue
+    return [n for n in names if any(d in n for d in RAY_DAEMONS)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The digits CNN, calibration images (128) and evaluation images (the other 322)."""
+    folder = tmp_path_factory.mktemp("digits")
+    with np.load(DIGITS_TEST) as d:
+        images, labels = d["image"], d["label"]
+    np.savez(folder / "calib.npz", image=images[:128])
+    np.savez(folder / "eval.npz", image=images[128:])
+    np.save(folder / "eval_labels.npy", labels[128:])
+    shutil.copy(DIGITS_MODEL, folder / "digits.onnx")
+    return {
+        "model": folder / "digits.onnx",
+        "calib": folder / "calib.npz",
+        "eval": folder / "eval.npz",
+        "labels": folder / "eval_labels.npy",
+        "folder": folder,
+    }
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(digits: dict[str, Path]) -> object:
+    result = run_sweep(
+        digits["model"],
+        GRID,
+        data=digits["calib"],
+        eval_data=digits["eval"],
+        out=digits["folder"] / "grid",
+        workers=2,
+    )
+    assert _ray_children() == []
+    return result
+
+
+def _direct_metrics(recipe_path: Path, digits: dict[str, Path]) -> tuple[int, float]:
+    """Size and top-1 agreement of a recipe run directly (no sweep, no Ray)."""
+    from onnxslim_edge.data import open_data
+    from onnxslim_edge.model import load_model, save_model
+    from onnxslim_edge.pipeline import Context, Pipeline
+    from onnxslim_edge.recipe import load_recipe
+    from onnxslim_edge.verify import compare
+
+    recipe = load_recipe(recipe_path)
+    original = load_model(digits["model"])
+    result = Pipeline(recipe.passes, target=recipe.target).run(
+        original, Context(data=open_data(digits["calib"], original), target=recipe.target)
+    )
+    path = save_model(result.model, recipe_path.with_name("direct.onnx"))
+    fidelity = compare(original, result.model, digits["eval"], batch_size=32)
+    return path.stat().st_size, fidelity.top1_agreement
+
+
+def test_grid_finds_the_best_point(grid_sweep: object, digits: dict[str, Path]) -> None:
+    result = grid_sweep
+    assert result.ran == 4 and result.resumed == 0
+    assert len(result.trials) == 4 and all(t.ok for t in result.trials)
+    # The known best point: every recipe run directly, the smallest meeting the floor.
+    measured = {}
+    for trial in result.trials:
+        for name in ("recipe.toml", "report.json", "metrics.json", "model.onnx"):
+            assert (trial.folder / name).is_file()
+        size, top1 = _direct_metrics(trial.folder / "recipe.toml", digits)
+        assert trial.metrics["size"] == size
+        assert trial.metrics["top1_agreement"] == pytest.approx(top1)
+        measured[trial.id] = (size, top1)
+    feasible = [(s, -a, tid) for tid, (s, a) in measured.items() if a >= 0.9]
+    assert feasible, "the floor should leave at least one trial"
+    expected = min(feasible)[2]
+    assert result.best is not None and result.best.id == expected
+    # Not a trivial grid: some point misses the floor, and int8 shrinks the model.
+    assert len(feasible) < 4
+    best_point = result.best.point
+    assert best_point["quantize.enabled"] is True
+
+
+def test_trial_folders_and_ids(grid_sweep: object) -> None:
+    result = grid_sweep
+    ids = [t.id for t in result.trials]
+    assert len(set(ids)) == 4
+    for trial in result.trials:
+        assert trial.folder.name == trial.id
+        metrics = json.loads((trial.folder / "metrics.json").read_text())
+        assert metrics["status"] == "ok"
+        assert metrics["point"] == trial.point
+        assert {"size", "size_ratio", "params", "macs", "top1_agreement", "cosine"} <= set(metrics)
+        assert "latency_ms" not in metrics  # no objective or constraint asked for it
+        text = (trial.folder / "recipe.toml").read_text()
+        assert "[verify]\nmin_top1_agreement = 0.9" in text
+
+
+def test_resume_runs_no_trial_and_starts_no_ray(
+    grid_sweep: object, digits: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a resumed sweep with nothing to do must not start Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    before = {t.id: (t.folder / "metrics.json").stat().st_mtime_ns for t in grid_sweep.trials}
+    again = run_sweep(
+        digits["model"],
+        GRID,
+        data=digits["calib"],
+        eval_data=digits["eval"],
+        out=digits["folder"] / "grid",
+        workers=2,
+    )
+    assert again.ran == 0 and again.resumed == 4
+    assert again.best is not None and again.best.id == grid_sweep.best.id
+    after = {t.id: (t.folder / "metrics.json").stat().st_mtime_ns for t in again.trials}
+    assert after == before
+
+
+def test_resume_runs_only_unfinished_trials(grid_sweep: object, digits: dict[str, Path]) -> None:
+    out = digits["folder"] / "grid_partial"
+    shutil.copytree(digits["folder"] / "grid", out)
+    victim = sorted((out / "trials").iterdir())[0]
+    (victim / "metrics.json").unlink()  # as if interrupted before the trial finished
+    again = run_sweep(
+        digits["model"],
+        GRID,
+        data=digits["calib"],
+        eval_data=digits["eval"],
+        out=out,
+        workers=2,
+    )
+    assert again.ran == 1 and again.resumed == 3
+    assert (victim / "metrics.json").is_file()
+    assert _ray_children() == []
+
+
+FAILING = """
+target = "onnxruntime-cpu"
+
+[[pass]]
+name = "quantize"
+method = "minmax"
+calibration_cache = ["cache.json", "/no/such/folder/cache.json"]
+
+[constraints]
+min_accuracy = 0.5
+
+[metrics]
+custom = ["accuracy"]
+"""
+
+
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(
+    digits: dict[str, Path], tmp_path: Path
+) -> None:
+    labels = np.load(digits["labels"])
+    images = np.load(digits["eval"])["image"]
+
+    def accuracy(candidate: object, original: object) -> dict[str, float]:
+        from onnxslim_edge.runtime import make_session
+
+        scores = make_session(candidate).run(None, {"image": images})[0]
+        return {"accuracy": float(np.mean(np.argmax(scores, axis=1) == labels))}
+
+    space = load_space(FAILING.replace("cache.json", str(tmp_path / "cache.json"), 1))
+    result = run_sweep(
+        digits["model"],
+        space,
+        data=digits["calib"],
+        eval_data=digits["eval"],
+        out=tmp_path / "sweep",
+        workers=2,
+        metrics_callback=accuracy,
+    )
+    assert _ray_children() == []
+    assert result.ran == 2
+    ok = [t for t in result.trials if t.ok]
+    failed = [t for t in result.trials if not t.ok]
+    assert len(ok) == 1 and len(failed) == 1
+    record = json.loads((failed[0].folder / "metrics.json").read_text())
+    assert record["status"] == "failed"
+    assert "/no/such/folder" in record["reason"] and record["error"] == "ConfigError"
+    assert (failed[0].folder / "recipe.toml").is_file()
+    # The callback's metric is in metrics.json and decides the constraint.
+    assert 0.5 < ok[0].metrics["accuracy"] <= 1.0
+    assert result.best is not None and result.best.id == ok[0].id
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "failed: " in table and "/no/such/folder" in table
+
+
+OPTUNA = """
+target = "onnxruntime-cpu"
+
+[[pass]]
+name = "prune-channels"
+macs_reduction = { low = 0.05, high = 0.4 }
+
+[[pass]]
+name = "quantize"
+method = ["minmax", "percentile", "entropy"]
+"""
+
+
+def test_optuna_with_a_seed_gives_the_same_trials(digits: dict[str, Path], tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        result = run_sweep(
+            digits["model"],
+            OPTUNA,
+            data=digits["calib"],
+            eval_data=digits["eval"],
+            out=tmp_path / name,
+            search="optuna",
+            trials=4,
+            seed=7,
+            workers=2,
+        )
+        assert _ray_children() == []
+        runs.append(result)
+    a, b = ([t.point for t in r.trials] for r in runs)
+    assert len(a) == 4 and a == b
+    ranges = [p["prune-channels.macs_reduction"] for p in a]
+    assert all(0.05 <= r <= 0.4 for r in ranges) and len(set(ranges)) == 4
+    # Another seed, other points.
+    other = run_sweep(
+        digits["model"],
+        OPTUNA,
+        data=digits["calib"],
+        eval_data=digits["eval"],
+        out=tmp_path / "c",
+        search="optuna",
+        trials=2,
+        seed=8,
+        workers=2,
+    )
+    assert [t.point for t in other.trials] != a[:2]
+    assert _ray_children() == []
