@@ -6,6 +6,7 @@ checks that no raylet or gcs_server is left among this process's children.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -42,8 +43,9 @@ enabled = [false, true]
 method = "minmax"
 
 [objectives]
-cost = ["size"]
+cost = ["size", "latency"]
 fidelity = "top1_agreement"
+latency_runs = 5
 
 [constraints]
 min_top1_agreement = 0.9
@@ -144,9 +146,71 @@ def test_trial_folders_and_ids(grid_sweep: object) -> None:
         assert metrics["status"] == "ok"
         assert metrics["point"] == trial.point
         assert {"size", "size_ratio", "params", "macs", "top1_agreement", "cosine"} <= set(metrics)
-        assert "latency_ms" not in metrics  # no objective or constraint asked for it
+        assert metrics["latency_ms"] > 0 and metrics["original_latency_ms"] > 0
+        assert metrics["latency_ratio"] == pytest.approx(
+            metrics["latency_ms"] / metrics["original_latency_ms"]
+        )
         text = (trial.folder / "recipe.toml").read_text()
         assert "[verify]\nmin_top1_agreement = 0.9" in text
+
+
+def test_latency_timings_never_overlap(grid_sweep: object) -> None:
+    # Two trials ran at once, but the one latency_slot let one timing run at a time.
+    windows = sorted(t.metrics["latency_window"] for t in grid_sweep.trials)
+    assert len(windows) == 4
+    for (_, end), (start, _) in itertools.pairwise(windows):
+        assert end <= start
+
+
+def test_results_front_plot_and_best(grid_sweep: object) -> None:
+    out = grid_sweep.out
+    summary = json.loads((out / "results.json").read_text())
+    rows = summary["rows"]
+    assert [r["trial"] for r in rows][: len(summary["front"])] == summary["front"]
+    assert summary["best"] == grid_sweep.best.id and summary["ran"] == 4
+    feasible = [r for r in rows if r["meets_constraints"]]
+    front = [r for r in rows if r["front"]]
+    assert front and all(r["meets_constraints"] for r in front)
+    # On the front: no feasible trial is at least as small and as faithful, and better.
+    for r in front:
+        s, a = r["metrics"]["size"], r["metrics"]["top1_agreement"]
+        for o in feasible:
+            os_, oa = o["metrics"]["size"], o["metrics"]["top1_agreement"]
+            assert not (os_ <= s and oa >= a and (os_ < s or oa > a))
+    misses = [r for r in rows if not r["meets_constraints"]]
+    assert misses and all(r["misses"] for r in misses)
+    table = (out / "results.md").read_text()
+    assert table.count("| best |") == 1 and grid_sweep.best.id in table
+    assert "misses top1_agreement" in table
+    png = (out / "front.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    best = (out / "best.toml").read_text()
+    assert (
+        best.split("target = ", 1)[1]
+        == (grid_sweep.best.folder / "recipe.toml").read_text().split("target = ", 1)[1]
+    )
+
+
+def test_best_toml_runs_with_optimize(grid_sweep: object, digits: dict[str, Path]) -> None:
+    from onnxslim_edge.cli import main
+
+    out = digits["folder"] / "best.onnx"
+    rc = main(
+        [
+            "optimize",
+            str(digits["model"]),
+            "--recipe",
+            str(grid_sweep.out / "best.toml"),
+            "--calib",
+            str(digits["calib"]),
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
+    assert rc == 0
+    # The same recipe on the same data: the model the sweep measured, byte for byte.
+    assert out.read_bytes() == (grid_sweep.best.folder / "model.onnx").read_bytes()
 
 
 def test_resume_runs_no_trial_and_starts_no_ray(

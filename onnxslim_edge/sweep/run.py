@@ -186,6 +186,7 @@ def time_trial(model_path: str, candidate_path: str, eval_data: Any, runs: int) 
     from onnxslim_edge.model import load_model
     from onnxslim_edge.timing import measure_latency
 
+    started = time.time()
     original = load_model(model_path)
     source = open_data(eval_data, original, batch_size=1, limit=1)
     feed = next(iter(source))
@@ -199,6 +200,7 @@ def time_trial(model_path: str, candidate_path: str, eval_data: Any, runs: int) 
         "latency_p90_ms": cand.p90_ms,
         "original_latency_ms": orig.median_ms,
         "latency_ratio": cand.median_ms / orig.median_ms,
+        "latency_window": [started, time.time()],  # when it ran (seconds since the epoch)
     }
 
 
