@@ -356,3 +356,38 @@ def test_optuna_with_a_seed_gives_the_same_trials(digits: dict[str, Path], tmp_p
     )
     assert [t.point for t in other.trials] != a[:2]
     assert _ray_children() == []
+
+
+def _ray_daemons() -> set[int]:
+    pids = set()
+    for proc in psutil.process_iter(["name"]):
+        if any(d in (proc.info["name"] or "") for d in RAY_DAEMONS):
+            pids.add(proc.pid)
+    return pids
+
+
+def test_cli_from_the_repository_root_with_the_shipped_space(digits: dict[str, Path]) -> None:
+    """The console script run in the checkout's root, where the source folder
+    `onnxslim_edge/` (without `passes`) could shadow the install in Ray's workers."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    exe = shutil.which("onnxslim-edge", path=str(Path(sys.executable).parent))
+    assert exe is not None
+    out = digits["folder"] / "cli"
+    before = _ray_daemons()
+    argv = [exe, "sweep", str(digits["model"]), "--space", "edge", "--data", str(digits["calib"])]
+    argv += ["--eval", str(digits["eval"]), "-o", str(out), "--workers", "2"]
+    proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("[1/24] ") and lines[23].startswith("[24/24] ")
+    assert "24 trials (24 run, 0 done before, 0 failed)" in proc.stdout
+    summary = json.loads((out / "results.json").read_text())
+    assert all(r["status"] == "ok" for r in summary["rows"])  # workers imported the install
+    assert summary["best"] is not None and (out / "best.toml").is_file()
+    assert _ray_daemons() - before == set()  # the CLI's Ray is gone with it
+    again = subprocess.run([*argv, "-q"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout == ""
+    assert json.loads((out / "results.json").read_text())["ran"] == 0

@@ -173,3 +173,49 @@ def test_shipped_edge_space_parses() -> None:
     assert len(space.grid()) == 24  # pruning off or at 3 reductions x 3 methods x 2 floors
     assert space.target == "onnxruntime-cpu"
     assert space.constraints == {"min_top1_agreement": 0.95}
+
+
+# --------------------------------------------------------------------------- the CLI's bad input
+
+
+@pytest.fixture
+def cli_inputs(tmp_path: Path) -> dict[str, Path]:
+    import shutil
+
+    import numpy as np
+
+    from onnxslim_edge.demo import DIGITS_MODEL
+
+    shutil.copy(DIGITS_MODEL, tmp_path / "m.onnx")
+    np.savez(tmp_path / "eval.npz", image=np.zeros((4, 1, 8, 8), np.float32))
+    (tmp_path / "space.toml").write_text(
+        '[[pass]]\nname = "prune-channels"\nratio = { low = 0.1, high = 0.3 }\n'
+    )
+    (tmp_path / "bad.toml").write_text('[[pass]]\nname = "quantize"\nmethod = ["nope"]\n')
+    return {"model": tmp_path / "m.onnx", "eval": tmp_path / "eval.npz", "folder": tmp_path}
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--space", "{folder}/bad.toml"], "quantize.method"),
+        (["--space", "{folder}/nope.toml"], "space file not found"),
+        (["--space", "{folder}/space.toml"], "needs 'step' or 'num' for a grid"),
+        (["--space", "edge", "--trials", "3"], "--trials is for --search optuna"),
+        (["--space", "edge", "--workers", "0"], "--workers"),
+        (["--space", "edge", "--search", "random"], "--search"),
+        (["--space", "edge", "--data", "{folder}/missing.npz"], "missing.npz"),
+    ],
+)
+def test_sweep_cli_bad_input_exits_2_without_output(
+    cli_inputs: dict[str, Path], args: list[str], match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnxslim_edge.cli import main
+
+    out = cli_inputs["folder"] / "sweep"
+    argv = ["sweep", str(cli_inputs["model"]), "--eval", str(cli_inputs["eval"]), "-o", str(out)]
+    argv += [a.format(folder=cli_inputs["folder"]) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and match in err
+    assert not out.exists()

@@ -420,7 +420,7 @@ def run_sweep(
             space.check_recipe(point)
     elif not space.axes:
         raise ConfigError(f"{space.origin}: nothing to search (no option has several values)")
-    folder = Path(out)
+    folder = Path(out).absolute()  # Ray workers run in another folder
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder}: the sweep's output must be a folder; this is a file")
     inputs = {
