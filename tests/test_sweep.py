@@ -323,39 +323,33 @@ method = ["minmax", "percentile", "entropy"]
 
 
 def test_optuna_with_a_seed_gives_the_same_trials(digits: dict[str, Path], tmp_path: Path) -> None:
-    runs = []
-    for name in ("a", "b"):
+    def sweep(out: Path, seed: int, trials: int) -> object:
         result = run_sweep(
             digits["model"],
             OPTUNA,
             data=digits["calib"],
             eval_data=digits["eval"],
-            out=tmp_path / name,
+            out=out,
             search="optuna",
-            trials=4,
-            seed=7,
+            trials=trials,
+            seed=seed,
             workers=2,
         )
         assert _ray_children() == []
-        runs.append(result)
-    a, b = ([t.point for t in r.trials] for r in runs)
-    assert len(a) == 4 and a == b
-    ranges = [p["prune-channels.macs_reduction"] for p in a]
+        return result
+
+    first = sweep(tmp_path / "a", 7, 4)
+    points = [t.point for t in first.trials]
+    assert first.ran == 4 and len(points) == 4
+    ranges = [p["prune-channels.macs_reduction"] for p in points]
     assert all(0.05 <= r <= 0.4 for r in ranges) and len(set(ranges)) == 4
+    # The same seed suggests the same trials: all found finished, none run again.
+    again = sweep(tmp_path / "a", 7, 4)
+    assert again.ran == 0 and again.resumed == 4
+    assert [t.point for t in again.trials] == points
     # Another seed, other points.
-    other = run_sweep(
-        digits["model"],
-        OPTUNA,
-        data=digits["calib"],
-        eval_data=digits["eval"],
-        out=tmp_path / "c",
-        search="optuna",
-        trials=2,
-        seed=8,
-        workers=2,
-    )
-    assert [t.point for t in other.trials] != a[:2]
-    assert _ray_children() == []
+    other = sweep(tmp_path / "c", 8, 2)
+    assert other.ran == 2 and [t.point for t in other.trials] != points[:2]
 
 
 def _ray_daemons() -> set[int]:
