@@ -54,8 +54,7 @@ def run(workers: Sequence[int], workdir: Path) -> dict[str, Any]:
     import numpy as np
 
     from onnxslim_edge.demo import DIGITS_MODEL, DIGITS_TEST, digits_accuracy
-    from onnxslim_edge.sweep import load_space
-    from onnxslim_edge.sweep.run import run_sweep
+    from onnxslim_edge.sweep import load_space, run_sweep
 
     space_path = Path(str(DIGITS_MODEL.parent.parent / "recipes" / "edge.space.toml"))
     space = load_space(space_path)

@@ -57,12 +57,15 @@ def test_best_is_the_cheapest_meeting_the_constraints() -> None:
     space = load_space(SPACE)
     trials = [
         _trial("small_bad", 5, 0.5),  # misses the floor
-        _trial("tie_fewer_macs", 10, 0.91, macs=5),
-        _trial("tie_more_macs", 10, 0.99, macs=9),  # same size: macs (the next cost) decide
+        _trial("tie_less_faithful", 10, 0.91, macs=1),
+        _trial("tie_more_macs", 10, 0.99, macs=9),
+        _trial("tie_fewer_macs", 10, 0.99, macs=5),  # same size and fidelity: macs decide
         _trial("big", 50, 1.0),
         _trial("broken", None, None, ok=False),
     ]
-    assert pick_best(trials, space).id == "tie_fewer_macs"
+    best = pick_best(trials, space)
+    assert best.id == "tie_fewer_macs"
+    assert best in front_layers(trials[1:5], space)[0]
     assert pick_best([trials[0], trials[-1]], space) is None
 
 

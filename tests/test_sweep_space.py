@@ -219,3 +219,16 @@ def test_sweep_cli_bad_input_exits_2_without_output(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and match in err
     assert not out.exists()
+
+
+def test_importing_the_sweep_package_imports_no_ray() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, onnxslim_edge.sweep as s; assert callable(s.run_sweep); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'optuna', 'matplotlib')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

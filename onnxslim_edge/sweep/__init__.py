@@ -14,6 +14,17 @@ Importing this package does not import Ray.
 
 from __future__ import annotations
 
+from onnxslim_edge.sweep.run import MetricsCallback, SweepResult, Trial, run_sweep
 from onnxslim_edge.sweep.space import BUILTIN_METRICS, Axis, Space, load_space, trial_id
 
-__all__ = ["BUILTIN_METRICS", "Axis", "Space", "load_space", "trial_id"]
+__all__ = [
+    "BUILTIN_METRICS",
+    "Axis",
+    "MetricsCallback",
+    "Space",
+    "SweepResult",
+    "Trial",
+    "load_space",
+    "run_sweep",
+    "trial_id",
+]

@@ -8,8 +8,8 @@
   with their reason: `results.md` and `results.json`.
 - `front.png` (matplotlib, Agg): one point per trial that ran, infeasible ones hollow,
   the front drawn as a step line. Skipped with a warning without matplotlib.
-- `best.toml`: the feasible trial with the lowest first cost (ties: the next costs,
-  then the higher fidelity), the trial's recipe as it ran, which `optimize --recipe`
+- `best.toml`: the feasible trial with the lowest first cost (ties: the higher
+  fidelity, then the next costs; so it is on the front), the trial's recipe as it ran, which `optimize --recipe`
   runs as is. None qualifies: no best.toml, and results say so.
 """
 
@@ -79,14 +79,16 @@ def _feasible(trials: Sequence[Any], space: Space) -> list[Any]:
 
 
 def pick_best(trials: Sequence[Any], space: Space) -> Any | None:
-    """The feasible trial with the lowest costs in order, then the highest fidelity."""
+    """The feasible trial with the lowest first cost, then the highest fidelity, then
+    the lowest other costs in order: always a trial on the front."""
 
     def key(t: Any) -> tuple[float, ...]:
-        costs = [_num(t.metrics.get(c)) for c in space.cost]
+        first, *rest = (_num(t.metrics.get(c)) for c in space.cost)
         fid = _fidelity(t, space)
         return (
-            *(math.inf if c is None else c for c in costs),
-            -(fid if fid is not None else -math.inf),
+            math.inf if first is None else first,
+            -fid if fid is not None else math.inf,
+            *(math.inf if c is None else c for c in rest),
         )
 
     candidates = [t for t in _feasible(trials, space) if _point(t, space) is not None]
@@ -167,7 +169,8 @@ def write_results(result: Any) -> None:
     if result.best is not None:
         header = [
             f"The best recipe of the sweep in {out} (trial {result.best.id}): the lowest "
-            f"{', then '.join(space.cost)}",
+            f"{space.cost[0]}, then the highest {space.fidelity}"
+            + "".join(f", then the lowest {c}" for c in space.cost[1:]),
             f"among the trials meeting {_constraints_text(space)}.",
             "Run it with `onnxslim-edge optimize MODEL --recipe best.toml --calib CALIB -o OUT`.",
         ]
