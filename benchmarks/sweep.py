@@ -1,15 +1,22 @@
-"""Sweep benchmark: the shipped space on the digits CNN with 1 and 2 Ray workers.
+"""Sweep benchmark: a space on a model with 1 and 2 Ray workers; the front and the pick.
 
-    nice -n 10 python -m benchmarks.sweep [--workers 1,2] [--out benchmarks/results/sweep_digits.json]
+    nice -n 10 python -m benchmarks.sweep [--model digits|efficientnet_lite0] [--workers 1,2]
+        [--out benchmarks/results/sweep_<model>.json]
 
-Runs `onnxslim_edge/recipes/edge.space.toml` (24 trials: pruning off or at 10/20/30 %
-of the MACs x 3 calibration methods x 2 fallback floors, latency timed per trial) on
-the bundled digits CNN, calibrated on the first 128 images of its test split and
-evaluated on the other 322, once per worker count, each in a fresh folder (nothing
-resumed). Reports the wall time of each `run_sweep` call (Ray's start and stop
-included) and the speed-up, the Pareto front and the chosen recipe of the last run,
-with its accuracy on the evaluation images' labels (a metrics_callback). Writes the
-JSON and a Markdown table beside it.
+- `digits`: the shipped space `onnxslim_edge/recipes/edge.space.toml` (24 trials:
+  pruning off or at 10/20/30 % of the MACs x 3 calibration methods x 2 fallback floors,
+  latency timed per trial) on the bundled digits CNN, calibrated on the first 128
+  images of its test split and evaluated on the other 322, with the accuracy on their
+  labels as a custom metric (a metrics_callback).
+- `efficientnet_lite0`: the benchmark's EfficientNet-Lite0 and data (benchmarks.specs:
+  32 augmented photos calibrate, 56 others evaluate) over `EFFICIENTNET_SPACE` (8 trials:
+  pruning off or 10 % of the MACs at round_to 16 x minmax / percentile x fallback floor
+  0.9 / 0.95).
+
+Each worker count runs in a fresh folder (nothing resumed); the wall time of each
+`run_sweep` call includes Ray's start and stop. Reports the speed-up, and the trials of
+the last run with the Pareto front first and the chosen recipe. Writes the JSON and a
+Markdown table beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,40 @@ __all__ = ["main", "render", "run"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sweep_digits.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("digits", "efficientnet_lite0")
+
+EFFICIENTNET_SPACE = """
+target = "onnxruntime-cpu"
+
+[[pass]]
+name = "cleanup"
+
+[[pass]]
+name = "fold-batchnorm"
+
+[[pass]]
+name = "cleanup"
+
+[[pass]]
+name = "prune-channels"
+enabled = [false, true]
+macs_reduction = 0.1
+round_to = 16
+
+[[pass]]
+name = "quantize"
+method = ["minmax", "percentile"]
+min_top1_agreement = [0.9, 0.95]
+
+[objectives]
+cost = ["size", "latency"]
+fidelity = "top1_agreement"
+latency_runs = 30
+
+[constraints]
+min_top1_agreement = 0.95
+"""
 
 
 class _Accuracy:
@@ -50,26 +90,57 @@ class _Accuracy:
         return {"accuracy": float(np.mean(np.argmax(scores, axis=1) == self.labels))}
 
 
-def run(workers: Sequence[int], workdir: Path) -> dict[str, Any]:
+def _digits(workdir: Path) -> dict[str, Any]:
     import numpy as np
 
     from onnxslim_edge.demo import DIGITS_MODEL, DIGITS_TEST, digits_accuracy
-    from onnxslim_edge.sweep import load_space, run_sweep
 
-    space_path = Path(str(DIGITS_MODEL.parent.parent / "recipes" / "edge.space.toml"))
-    space = load_space(space_path)
     with np.load(DIGITS_TEST) as d:
         images, labels = d["image"], d["label"]
-    calib, evaluation = workdir / "calib.npz", workdir / "eval.npz"
-    np.savez(calib, image=images[:128])
-    np.savez(evaluation, image=images[128:])
-    callback = _Accuracy(images[128:], labels[128:])
+    np.savez(workdir / "calib.npz", image=images[:128])
+    np.savez(workdir / "eval.npz", image=images[128:])
+    return {
+        "model": DIGITS_MODEL,
+        "space": Path(str(DIGITS_MODEL.parent.parent / "recipes" / "edge.space.toml")),
+        "space_label": "onnxslim_edge/recipes/edge.space.toml",
+        "callback": _Accuracy(images[128:], labels[128:]),
+        "notes": "the digits CNN, calibrated on 128 test images, evaluated on the other 322",
+        "original_accuracy": digits_accuracy(DIGITS_MODEL, data=DIGITS_TEST),
+    }
+
+
+def _efficientnet(workdir: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from benchmarks.harness import BenchmarkSettings
+    from benchmarks.specs import build_spec
+
+    spec = build_spec("efficientnet_lite0", BenchmarkSettings())
+    name = next(iter(spec.calibration[0]))
+    np.savez(workdir / "calib.npz", **{name: np.concatenate([f[name] for f in spec.calibration])})
+    np.savez(workdir / "eval.npz", **{name: np.concatenate([f[name] for f in spec.evaluation])})
+    return {
+        "model": spec.path,
+        "space": EFFICIENTNET_SPACE,
+        "space_label": "benchmarks/sweep.py EFFICIENTNET_SPACE",
+        "callback": None,
+        "notes": f"EfficientNet-Lite0; data: {spec.data_notes}",
+        "original_accuracy": None,
+    }
+
+
+def run(model: str, workers: Sequence[int], workdir: Path) -> dict[str, Any]:
+    from onnxslim_edge.sweep import load_space, run_sweep
+
+    setup = _digits(workdir) if model == "digits" else _efficientnet(workdir)
+    space = load_space(setup["space"])
+    calib, evaluation, callback = workdir / "calib.npz", workdir / "eval.npz", setup["callback"]
     runs = []
     result = None
     for n in workers:
         t0 = time.perf_counter()
         result = run_sweep(
-            DIGITS_MODEL,
+            setup["model"],
             space,
             data=calib,
             eval_data=evaluation,
@@ -95,9 +166,19 @@ def run(workers: Sequence[int], workdir: Path) -> dict[str, Any]:
     for r in runs:
         r["speedup"] = round(base / r["wall_time_s"], 2)
     summary = json.loads((result.out / "results.json").read_text())
+    recipes = {t.id: t.recipe for t in result.trials}
+
+    def prune(tid: str) -> str:
+        for p in recipes[tid]["pass"]:
+            if p["name"] == "prune-channels":
+                return f"{p['macs_reduction']:.0%}"
+        return "off"
+
     rows = [
         {
             "trial": r["trial"],
+            "prune": prune(r["trial"]),
+            "reason": r["metrics"].get("reason"),
             "front": r["front"],
             "best": r["best"],
             "meets_constraints": r["meets_constraints"],
@@ -113,8 +194,9 @@ def run(workers: Sequence[int], workdir: Path) -> dict[str, Any]:
     ]
     best = result.best
     return {
-        "model": "digits_cnn",
-        "space": "onnxslim_edge/recipes/edge.space.toml",
+        "model": model,
+        "space": setup["space_label"],
+        "notes": setup["notes"],
         "runs": runs,
         "front": summary["front"],
         "best": None
@@ -125,7 +207,7 @@ def run(workers: Sequence[int], workdir: Path) -> dict[str, Any]:
             "recipe": (best.folder / "recipe.toml").read_text(),
             "metrics": best.metrics,
         },
-        "original_accuracy": digits_accuracy(DIGITS_MODEL, data=DIGITS_TEST),
+        "original_accuracy": setup["original_accuracy"],
         "rows": rows,
     }
 
@@ -141,10 +223,9 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Measured at commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} on "
         f"{env['cpu']} ({env['affinity']} cores available), ONNX Runtime {env['onnxruntime']}, "
-        f"{env['date']}; command: `{results['command']}`. The shipped space "
-        f"(`{results['space']}`, 24 trials) on the digits CNN, calibrated on 128 test images, "
-        "evaluated on the other 322; each run in a fresh folder, Ray started and stopped inside "
-        "the timed call.",
+        f"{env['date']}; command: `{results['command']}`. Space `{results['space']}` "
+        f"({results['runs'][0]['trials']} trials) on {results['notes']}; each run in a fresh "
+        "folder, Ray started and stopped inside the timed call.",
         "",
         "| workers | wall time (s) | speed-up | trials | failed | sum of trial times (s) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -165,27 +246,28 @@ def render(results: dict[str, Any]) -> str:
     ]
     for r in results["rows"]:
         p = r["point"]
-        prune = (
-            f"{p.get('prune-channels.macs_reduction'):.0%}"
-            if p.get("prune-channels.enabled")
-            else "off"
-        )
-        note = "best" if r["best"] else ("" if r["meets_constraints"] else "misses the floor")
+        if r["status"] != "ok":
+            note = f"failed: {r['reason']}".replace("|", "/")
+        else:
+            note = "best" if r["best"] else ("" if r["meets_constraints"] else "misses the floor")
         lines.append(
-            f"| {r['trial']} | {'*' if r['front'] else ''} | {prune} | {p.get('quantize.method')} "
-            f"| {p.get('quantize.min_top1_agreement')} | {r['size']} | {_f(r['size_ratio'])} "
+            f"| {r['trial']} | {'*' if r['front'] else ''} | {r['prune']} "
+            f"| {p.get('quantize.method')} | {p.get('quantize.min_top1_agreement')} "
+            f"| {_f(r['size'], 'd')} | {_f(r['size_ratio'])} "
             f"| {_f(r['macs_ratio'])} | {_f(r['latency_ratio'], '.2f')} "
             f"| {_f(r['top1_agreement'])} | {_f(r['accuracy'])} | {note} |"
         )
     lines.append("")
-    lines.append(f"fp32 accuracy on the same 450-image split: {results['original_accuracy']:.4f}.")
+    if results["original_accuracy"] is not None:
+        lines.append(f"fp32 accuracy on all 450 test images: {results['original_accuracy']:.4f}.")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__)
+    parser.add_argument("--model", choices=MODELS, default="digits")
     parser.add_argument("--workers", default="1,2", help="worker counts to compare")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/sweep_<model>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from benchmarks.harness import environment
@@ -193,11 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()  # the commit that runs, before anything can change the tree
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
-        results = run(workers, Path(tmp))
+        results = run(args.model, workers, Path(tmp))
     results["environment"] = env
     results["command"] = "nice -n 10 python -m benchmarks.sweep " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
+    if args.out is None:
+        args.out = RESULTS / f"sweep_{args.model}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     args.out.with_suffix(".md").write_text(render(results), encoding="utf-8")
