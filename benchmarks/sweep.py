@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -138,6 +139,7 @@ def run(model: str, workers: Sequence[int], workdir: Path) -> dict[str, Any]:
     runs = []
     result = None
     for n in workers:
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         result = run_sweep(
             setup["model"],
@@ -158,6 +160,8 @@ def run(model: str, workers: Sequence[int], workdir: Path) -> dict[str, Any]:
                 "ran": result.ran,
                 "failed": sum(not t.ok for t in result.trials),
                 "trial_time_s": round(trial_time, 2),
+                # Other people's work on the machine: 1-minute load average before, after.
+                "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             }
         )
         log.info("workers %d: %.1f s", n, wall)
@@ -227,13 +231,15 @@ def render(results: dict[str, Any]) -> str:
         f"({results['runs'][0]['trials']} trials) on {results['notes']}; each run in a fresh "
         "folder, Ray started and stopped inside the timed call.",
         "",
-        "| workers | wall time (s) | speed-up | trials | failed | sum of trial times (s) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workers | wall time (s) | speed-up | trials | failed | sum of trial times (s) "
+        "| load average (1 min) before, after |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results["runs"]:
         lines.append(
             f"| {r['workers']} | {r['wall_time_s']:.1f} | {r['speedup']:.2f}x | {r['trials']} "
-            f"| {r['failed']} | {r['trial_time_s']:.1f} |"
+            f"| {r['failed']} | {r['trial_time_s']:.1f} "
+            f"| {r['load_1m'][0]:.2f}, {r['load_1m'][1]:.2f} |"
         )
     lines += [
         "",
