@@ -9,6 +9,7 @@
     regress MODEL GOLDEN          -> regress.regress(model, golden, budget=...)
     build-engine MODEL -o E       -> engine.build_engine(model, engine, EngineConfig(...))
     bundle MODEL --jetpack V -o D -> jetson.bundle(model, jetpack, folder, ...)
+    sweep MODEL --space S -o DIR  -> sweep.run.run_sweep(model, space, data=..., eval_data=...)
     demo                          -> demo.run_demo()
 
 Exit status: 0 success, 1 `verify` found a difference beyond tolerance, `lint` an
@@ -490,6 +491,71 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _space_path(spec: str) -> Path:
+    """A space file, or the name of a shipped one (`edge` -> recipes/edge.space.toml)."""
+    path = Path(spec)
+    if path.exists() or path.suffix:
+        return path
+    from importlib.resources import files
+
+    shipped = Path(str(files("onnxslim_edge") / "recipes" / f"{spec}.space.toml"))
+    return shipped if shipped.is_file() else path
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from onnxslim_edge.sweep.run import run_sweep
+
+    out = Path(args.output)
+    reads = [Path(args.model), Path(args.space)]
+    reads += _data_files(args.data) + _data_files(args.eval)
+    for path in reads:
+        if path.exists() and out.exists() and out.resolve() == path.resolve():
+            raise ConfigError(f"{out}: -o would overwrite an input; choose another folder")
+
+    def echo(trial: Any, done: int, total: int) -> None:
+        m = trial.metrics
+        if m.get("status") != "ok":
+            what = f"failed: {m.get('reason', '')}"
+        else:
+            parts = [
+                f"{k} {m[k]}" if isinstance(m[k], int) else f"{k} {m[k]:.4g}"
+                for k in dict.fromkeys([*space.cost, space.fidelity])
+                if isinstance(m.get(k), (int, float))
+            ]
+            what = ", ".join(parts)
+        tag = " (done before)" if trial.resumed else ""
+        print(f"[{done}/{total}] {trial.id}{tag}: {what}", flush=True)
+
+    from onnxslim_edge.sweep.space import load_space
+
+    space = load_space(_space_path(args.space))
+    result = run_sweep(
+        args.model,
+        space,
+        data=args.data,
+        eval_data=args.eval,
+        out=out,
+        workers=args.workers,
+        address=args.address,
+        search=args.search,
+        trials=args.trials,
+        seed=args.seed,
+        on_trial=None if args.quiet else echo,
+    )
+    if not args.quiet:
+        failed = sum(not t.ok for t in result.trials)
+        print(
+            f"{len(result.trials)} trials ({result.ran} run, {result.resumed} done before, "
+            f"{failed} failed) in {result.wall_time_s:.1f} s; front: {len(result.front)} trials"
+        )
+        if result.best is None:
+            print("no trial meets the constraints: no best.toml")
+        else:
+            print(f"best: trial {result.best.id}, {out / 'best.toml'}")
+        print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from onnxslim_edge.pipeline import available_passes, get_pass
 
@@ -687,6 +753,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     engine_options(p)
     p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser(
+        "sweep", help="try a space of recipes on Ray; write the Pareto front and best.toml"
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--space", required=True, help="space TOML (docs/sweep.md), or 'edge' for the shipped one"
+    )
+    p.add_argument("--data", help="calibration data: .npz, folder of .npz/.npy, or 'random'")
+    p.add_argument("--eval", required=True, help="evaluation data fidelity is measured on")
+    p.add_argument("-o", "--output", required=True, help="sweep folder (re-run it to resume)")
+    p.add_argument("--workers", type=_positive_int, help="trials at once (default: the cores)")
+    p.add_argument("--address", help="an existing Ray cluster (default: a local Ray)")
+    p.add_argument("--search", choices=("grid", "optuna"), default="grid")
+    p.add_argument("--trials", type=_positive_int, help="trials Optuna suggests (default 16)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("passes", help="list the available passes and their options")
     p.set_defaults(func=cmd_passes)

@@ -814,6 +814,12 @@ class Outputs:
             fh.write(text)
         return target
 
+    def binary(self, path: str | os.PathLike, data: bytes, what: str = "file") -> Path:
+        """Stage a binary file (an image) for `path`."""
+        target = check_output_path(path, what, probe=False)
+        self._temp(target, what).write_bytes(data)
+        return target
+
     def commit(self) -> list[Path]:
         """Rename every staged file into place; return the targets."""
         staged, self._staged = self._staged, []

@@ -48,3 +48,16 @@ def test_lowrank_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "lowrank.md", "exec"), {"__name__": "docs_lowrank"})
     assert (tmp_path / "model.lowrank.onnx").is_file()
+
+
+def test_sweep_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray", reason="the sweep page needs the sweep extra")
+    blocks = _python_blocks(ROOT / "docs" / "sweep.md")
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "docs_sweep"}
+    exec(compile(blocks[0], "sweep.md", "exec"), namespace)
+    result = namespace["result"]
+    assert len(result.trials) == 2 and all(t.ok for t in result.trials)
+    assert all(0.5 < t.metrics["accuracy"] <= 1 for t in result.trials)
+    assert (tmp_path / "sweep" / "results.md").is_file()
