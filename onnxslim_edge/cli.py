@@ -16,7 +16,8 @@ error-level violation, `regress` a regression, `bundle` a failed check or
 `build-engine` an engine whose outputs differ from ONNX Runtime's; 2 bad input
 (missing or corrupt file, wrong data, unknown pass or option, impossible target, an
 output that would overwrite an input, an unwritable output folder):
-one line on stderr naming the cause, and no output file. SIGINT (130) and SIGTERM
+one line on stderr naming the cause, and no output file; 3 an internal error (a bug:
+an unexpected exception), one line saying so, the traceback with `-v`. SIGINT (130) and SIGTERM
 (143) remove every temporary file; a closed stdout (`| head`) ends quietly (141).
 All outputs of a run (model, external data, report) appear together or not at all.
 """
@@ -38,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, UnsupportedError
+from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, UnsupportedError, first_line
 
 __all__ = ["main"]
 
@@ -785,6 +786,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         _error("terminated (SIGTERM)")
         return 143
+    except Exception as exc:  # a bug, not bad input: say so, with the traceback on -v
+        if verbose:
+            traceback.print_exc()
+        _error(
+            f"internal error: {type(exc).__name__}: {first_line(exc)}"
+            + ("" if verbose else " (a bug in onnxslim-edge; -v shows the traceback)")
+        )
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -436,7 +436,14 @@ def exposing_session(
 ) -> Any:
     """An ONNX Runtime session of `model` whose outputs also include the tensors `names`
     (see `expose_outputs`); `session_options` go to `runtime.make_session` (threads,
-    optimization ...)."""
+    optimization ...).
+
+    Optimization defaults to "extended", not make_session's "all": ONNX Runtime's
+    layout-level rewrites (1.32 here) can fuse away an exposed intermediate tensor and
+    then refuse the session ("Failed to find node output ... producing output"), as on
+    the digits CNN's residual Conv after fold-batchnorm and quantize.
+    """
     from onnxslim_edge.runtime import make_session
 
+    session_options.setdefault("optimization", "extended")
     return make_session(expose_outputs(model, names, types), **session_options)

@@ -242,3 +242,49 @@ def test_lint_flags_uint8_qdq(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["lint", str(path)]) == 1
     out = capsys.readouterr().out
     assert "non-int8" in out and "zero-point-nonzero" in out
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "onnxslim_edge" / "assets" / "digits_cnn.onnx"
+DIGITS_DATA = DIGITS.with_name("digits_test.npz")
+
+
+def test_fold_quantize_bias_correct_on_the_digits_cnn(tmp_path: Path) -> None:
+    """fold-batchnorm renames the residual Conv's output to the BN's; bias-correct exposes
+    it, which ONNX Runtime's layout rewrites used to fuse away ("Failed to find node
+    output ... BatchNormalization_output_0", exit 2)."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=np.load(DIGITS_DATA)["image"][:64])
+    out = tmp_path / "x.onnx"
+    argv = ["optimize", str(DIGITS), "-o", str(out), "--calib", str(calib), "-q"]
+    argv += ["--pass", "fold-batchnorm", "--pass", "quantize:exclude_ops=Add"]
+    argv += ["--pass", "bias-correct", "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    bias = next(p for p in report["passes"] if p["name"] == "bias-correct")
+    assert bias["counters"]["layers_corrected"] >= 5 and not bias["skips"]
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "BatchNormalization" not in ops and "DequantizeLinear" in ops
+
+
+def _crash(*args: object, **kwargs: object) -> None:
+    raise ZeroDivisionError("boom")
+
+
+def test_internal_error_exits_3_with_one_line(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    from onnxslim_edge.passes.batchnorm import FoldBatchNorm
+
+    monkeypatch.setattr(FoldBatchNorm, "run", _crash)
+    out = tmp_path / "out.onnx"
+    argv = ["optimize", str(model_path), "-o", str(out), "--pass", "fold-batchnorm"]
+    assert main(argv) == 3
+    line = _only_line_of(capsys.readouterr().err)
+    assert line.startswith("onnxslim-edge: internal error:") and "boom" in line
+    assert "-v" in line and not out.exists()
+    assert main(["-v", *argv]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ZeroDivisionError: boom" in err
+    missing = ["optimize", str(tmp_path / "missing.onnx"), "-o", str(out), "--pass", "cleanup"]
+    assert main(["-v", *missing]) == 2
+    assert "internal error" not in capsys.readouterr().err, "bad input stays exit 2"
