@@ -320,9 +320,16 @@ def _input_cannot_be_checked(model: Any, src: Path, pipeline: Any, exc: BaseExce
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Element-wise tolerances, or the recipes' fidelity floors (which then judge alone,
+    unless --rtol/--atol are also given), as `regress` does."""
     from onnxslim_edge.model import load_model
     from onnxslim_edge.verify import compare
 
+    floors = _floors(args)
+    bad = [f"{k}={v}" for k, v in floors.items() if not math.isfinite(v)]
+    if bad:  # a NaN floor would pass everything
+        raise ConfigError(f"fidelity floors must be finite numbers (got {', '.join(bad)})")
+    elementwise = not floors or args.rtol is not None or args.atol is not None
     reference = load_model(args.reference)
     candidate = load_model(args.candidate)
     _check_input_shapes(reference, args.input_shape)
@@ -331,23 +338,59 @@ def cmd_verify(args: argparse.Namespace) -> int:
         reference,
         candidate,
         data,
-        rtol=args.rtol,
-        atol=args.atol,
+        rtol=1e-5 if args.rtol is None else args.rtol,
+        atol=1e-5 if args.atol is None else args.atol,
         atol_mode=args.atol_mode,
         max_samples=args.samples,
         input_shapes=args.input_shape,
         seed=args.seed,
         progress=_progress_enabled(args),
     )
+    lines, missed = _floor_lines(result, floors)
+    passed = (result.passed or not elementwise) and not missed
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if floors:
+            out["elementwise"] = elementwise
+            out["floors"] = floors
+            out["floors_missed"] = missed
+        out["passed"] = passed
+        print(json.dumps(out, indent=2))
     else:
         print(result.to_table())
-        print(
-            ("PASS" if result.passed else "FAIL")
-            + (": " + result.summary() if not result.passed else "")
-        )
-    return 0 if result.passed else 1
+        if not elementwise:
+            print("the floors judge, not rtol/atol (the 'ok' column); --rtol/--atol add them")
+        for line in lines:
+            print(line)
+        if passed:
+            print("PASS")
+        else:
+            why = [result.summary()] if elementwise and not result.passed else []
+            print("FAIL: " + "; ".join(why + missed))
+    return 0 if passed else 1
+
+
+def _floor_lines(result: Any, floors: dict[str, float]) -> tuple[list[str], list[str]]:
+    """One report line per fidelity floor (its worst output's value, met or missed) and
+    the misses, from the fidelity engine's own `misses`. A comparison that failed (an
+    output missing, a candidate ONNX Runtime cannot run) misses every floor."""
+    from onnxslim_edge.verify import FLOOR_SPECS
+
+    lines, missed = [], []
+    for key, floor in floors.items():
+        attr, label, sign = FLOOR_SPECS[key]
+        misses = result.misses({key: floor})
+        missed += [m for m in misses if m not in missed]
+        worst = getattr(result, attr)
+        bound = f"{label} {'>=' if sign > 0 else '<='} {floor:.10g}"
+        if misses:
+            verdict = "FAIL (" + "; ".join(misses) + ")"
+        elif worst is None:
+            verdict = "not applicable (no output defines it)"
+        else:
+            verdict = f"ok (worst {worst:.6g})"
+        lines.append(f"floor {bound}: {verdict}")
+    return lines, missed
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -541,6 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
 
+    def floor_options(p: argparse.ArgumentParser) -> None:
+        """The recipes' fidelity floors (verify.FLOOR_KEYS), judged per output."""
+        p.add_argument(
+            "--min-cosine", type=float, help="fidelity floor: judges instead of rtol/atol"
+        )
+        p.add_argument("--min-sqnr", type=float, metavar="DB", help="fidelity floor in dB")
+        p.add_argument(
+            "--min-top1-agreement", type=float, help="fidelity floor for 2-D logits (0..1)"
+        )
+        p.add_argument("--max-abs-error", type=float, help="fidelity limit")
+
     p = sub.add_parser("inspect", help="params, size, MACs, ops, inputs and outputs of a model")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -582,14 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", help="inputs: .npz, folder of .npz/.npy/images; default: random (smoke test)"
     )
-    p.add_argument("--rtol", type=_tolerance, default=1e-5)
-    p.add_argument("--atol", type=_tolerance, default=1e-5)
+    p.add_argument("--rtol", type=_tolerance, help="element-wise tolerance (default 1e-5)")
+    p.add_argument("--atol", type=_tolerance, help="default 1e-5 (x output range, see --atol-mode)")
     p.add_argument(
         "--atol-mode",
         choices=("absolute", "range"),
         default="range",
         help="range: atol is relative to max|reference| per output",
     )
+    floor_options(p)
     p.add_argument("--json", action="store_true")
     data_options(p)
     p.set_defaults(func=cmd_verify)
@@ -637,10 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, help="element-wise tolerance (default 1e-5)")
     p.add_argument("--atol", type=float, help="default 1e-5 (x output range, see --atol-mode)")
     p.add_argument("--atol-mode", choices=("absolute", "range"), default="range")
-    p.add_argument("--min-cosine", type=float, help="fidelity floor instead of rtol/atol")
-    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fidelity floor in dB")
-    p.add_argument("--min-top1-agreement", type=float, help="fidelity floor for logits")
-    p.add_argument("--max-abs-error", type=float, help="fidelity limit")
+    floor_options(p)
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per model")
     p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
     p.add_argument("--json", action="store_true")

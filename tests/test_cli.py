@@ -288,3 +288,44 @@ def test_internal_error_exits_3_with_one_line(
     missing = ["optimize", str(tmp_path / "missing.onnx"), "-o", str(out), "--pass", "cleanup"]
     assert main(["-v", *missing]) == 2
     assert "internal error" not in capsys.readouterr().err, "bad input stays exit 2"
+
+
+def _digits_int8(tmp_path: Path) -> tuple[Path, Path]:
+    """The digits CNN quantized (lossy: element-wise verify fails) and its images."""
+    calib = tmp_path / "images.npz"
+    np.savez(calib, image=np.load(DIGITS_DATA)["image"][:64])
+    q = tmp_path / "q.onnx"
+    argv = ["optimize", str(DIGITS), "-o", str(q), "--calib", str(calib), "-q"]
+    assert main([*argv, "--pass", "fold-batchnorm", "--pass", "quantize"]) == 0
+    return q, calib
+
+
+def test_verify_fidelity_floors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    q, calib = _digits_int8(tmp_path)
+    base = ["verify", str(DIGITS), str(q), "--data", str(calib)]
+    assert main(base) == 1, "int8 differs element-wise"
+    capsys.readouterr()
+    assert (
+        main([*base, "--min-cosine", "0.99", "--min-sqnr", "15", "--min-top1-agreement", "0.9"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("floor ")]
+    assert [ln.split(":")[0] for ln in lines] == [
+        "floor cosine >= 0.99",
+        "floor SQNR >= 15",
+        "floor top-1 agreement >= 0.9",
+    ]
+    assert all(": ok (worst " in ln for ln in lines) and out.rstrip().endswith("PASS")
+    assert main([*base, "--min-cosine", "0.99", "--min-sqnr", "200"]) == 1
+    out = capsys.readouterr().out
+    assert "floor cosine >= 0.99: ok" in out and "floor SQNR >= 200: FAIL" in out
+    assert "FAIL: output 'logits': SQNR" in out
+    assert main([*base, "--min-cosine", "0.99", "--rtol", "1e-5"]) == 1, "both judge"
+    capsys.readouterr()
+    assert main([*base, "--min-top1-agreement", "0.9", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is True and result["floors"] == {"min_top1_agreement": 0.9}
+    assert result["floors_missed"] == [] and result["elementwise"] is False
+    assert main([*base, "--min-cosine", "nan"]) == 2
+    assert "finite numbers (got min_cosine=nan)" in _only_line_of(capsys.readouterr().err)
