@@ -411,7 +411,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--nm {args.nm}: expected N:M with 0 < N < M, e.g. 2:4") from None
         nm_results = check_nm(model, n, m)
-        failed = failed or any(not r.ok for r in nm_results)
+        failed = failed or any(r.violation for r in nm_results)
     if args.json:
         out = {
             "target": args.target,

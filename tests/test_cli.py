@@ -18,6 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim_edge.cli import main
 from onnxslim_edge.model import save_model
 
+DIGITS = Path(__file__).resolve().parents[1] / "onnxslim_edge" / "assets" / "digits_cnn.onnx"
+DIGITS_DATA = DIGITS.with_name("digits_test.npz")
+
 
 def _conv_bn_model() -> onnx.ModelProto:
     return conv_bn_model(4)
@@ -213,14 +216,23 @@ def test_lint_float_model_and_nm(
 ) -> None:
     assert main(["lint", str(model_path)]) == 0
     assert "no violations" in capsys.readouterr().out
-    assert main(["lint", str(model_path), "--nm", "2:4", "--json"]) == 1  # dense weights
+    assert main(["lint", str(model_path), "--nm", "2:4"]) == 0, "Cin=3 can never hold 2:4"
+    out = capsys.readouterr().out
+    assert "n/a" in out and "not applicable: reduction dim Cin=3 is not divisible by 4" in out
+    assert out.rstrip().endswith("0 of 0 layers follow 2:4 sparsity; 1 not applicable (run dense)")
+    # the digits CNN: a Cin=1 stem (not applicable) and six dense layers that could be 2:4
+    assert main(["lint", str(DIGITS), "--nm", "2:4", "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
-    assert result["passed"] is False and result["nm"][0]["node"] == "conv"
+    assert result["passed"] is False
+    assert [(r["applicable"], r["ok"]) for r in result["nm"]] == [(False, False)] + [
+        (True, False)
+    ] * 6
     sparse = tmp_path / "sparse.onnx"
-    assert (
-        main(["optimize", str(model_path), "-o", str(sparse), "--pass", "sparsify-nm", "-q"]) == 0
-    )
-    assert main(["lint", str(sparse), "--nm", "2:4"]) == 1, "Cin=3 cannot hold 2:4: reported"
+    assert main(["optimize", str(DIGITS), "-o", str(sparse), "--pass", "sparsify-nm", "-q"]) == 0
+    assert main(["lint", str(sparse), "--nm", "2:4"]) == 0
+    out = capsys.readouterr().out
+    assert "not applicable: reduction dim Cin=1 is not divisible by 4" in out
+    assert out.rstrip().endswith("6 of 6 layers follow 2:4 sparsity; 1 not applicable (run dense)")
     assert main(["lint", str(model_path), "--nm", "4:2"]) == 2
 
 
@@ -242,10 +254,6 @@ def test_lint_flags_uint8_qdq(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["lint", str(path)]) == 1
     out = capsys.readouterr().out
     assert "non-int8" in out and "zero-point-nonzero" in out
-
-
-DIGITS = Path(__file__).resolve().parents[1] / "onnxslim_edge" / "assets" / "digits_cnn.onnx"
-DIGITS_DATA = DIGITS.with_name("digits_test.npz")
 
 
 def test_fold_quantize_bias_correct_on_the_digits_cnn(tmp_path: Path) -> None:
@@ -329,3 +337,20 @@ def test_verify_fidelity_floors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert result["floors_missed"] == [] and result["elementwise"] is False
     assert main([*base, "--min-cosine", "nan"]) == 2
     assert "finite numbers (got min_cosine=nan)" in _only_line_of(capsys.readouterr().err)
+
+
+def test_readme_quantize_for_onnxruntime_cpu_then_lint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: `optimize ... --target onnxruntime-cpu` then `lint q.onnx --target
+    onnxruntime-cpu` passes; TensorRT's rules (the default) still flag its uint8 Q/DQ."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=np.load(DIGITS_DATA)["image"][:64])
+    q = tmp_path / "q.onnx"
+    argv = ["optimize", str(DIGITS), "-o", str(q), "--pass", "cleanup", "--pass"]
+    argv += ["fold-batchnorm", "--pass", "quantize:method=percentile", "--calib", str(calib)]
+    assert main([*argv, "--target", "onnxruntime-cpu", "-q"]) == 0
+    assert main(["lint", str(q), "--target", "onnxruntime-cpu"]) == 0
+    assert "ONNX Runtime CPU Q/DQ rules: no violations" in capsys.readouterr().out
+    assert main(["lint", str(q)]) == 1
+    assert "TensorRT needs int8" in capsys.readouterr().out
