@@ -354,3 +354,17 @@ def test_readme_quantize_for_onnxruntime_cpu_then_lint(
     assert "ONNX Runtime CPU Q/DQ rules: no violations" in capsys.readouterr().out
     assert main(["lint", str(q)]) == 1
     assert "TensorRT needs int8" in capsys.readouterr().out
+
+
+def test_the_bundled_test_set_serves_as_calib(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """digits_test.npz holds `image` and `label`; `label` is left out (with a note,
+    tests/test_data.py)."""
+    out = tmp_path / "q.onnx"
+    argv = ["optimize", str(DIGITS), "-o", str(out), "--calib", str(DIGITS_DATA), "-q"]
+    assert main([*argv, "--pass", "quantize"]) == 0, "was: array 'label' is not an input"
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QuantizeLinear" in ops
+    assert main(["verify", str(DIGITS), str(out), "--data", str(DIGITS_DATA)]) == 1
+    assert "450 sample(s)" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import onnx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,10 @@ def test_readme_snippets_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "model.slim.onnx").is_file()
+    from onnxslim_edge.data import open_data
+
+    calib = open_data(tmp_path / "calib.npz", onnx.load(tmp_path / "model.onnx"))
+    assert calib.num_samples == 256 and not calib.is_synthetic
 
 
 def test_lowrank_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
