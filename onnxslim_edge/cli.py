@@ -245,7 +245,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     # Parse everything the user typed before any work starts.
     passes, floors, target = [], {}, args.target
     if args.recipe:
-        recipe = load_recipe(Path(args.recipe))
+        recipe = load_recipe(Path(args.recipe) if Path(args.recipe).is_file() else args.recipe)
         passes.extend(recipe.passes)
         floors.update(recipe.floors)
         target = target or recipe.target
@@ -605,7 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="run passes on a model and save the result")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
-    p.add_argument("--recipe", help="TOML recipe ([[pass]] tables)")
+    p.add_argument(
+        "--recipe",
+        metavar="NAME|FILE",
+        help=f"a shipped recipe ({', '.join(_shipped_recipes())}) or a TOML file ([[pass]] tables)",
+    )
     p.add_argument(
         "--pass",
         dest="passes",
@@ -760,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _shipped_recipes() -> list[str]:
+    from onnxslim_edge.recipe import shipped_recipes
+
+    return list(shipped_recipes())
 
 
 def _version() -> str:

@@ -109,6 +109,28 @@ def test_verify_with_data_file(
     assert json.loads(capsys.readouterr().out)["samples"] == 5
 
 
+def test_shipped_recipes_by_name(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(model_path), "-o", str(out), "--recipe", "lossless", "-q"]) == 0
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Conv", "Relu"]
+    argv = ["optimize", str(DIGITS), "-o", str(out), "--recipe", "edge", "--report"]
+    argv += [str(tmp_path / "r.json"), "--calib", str(DIGITS_DATA), "-q"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [p["name"] for p in report["passes"]] == [
+        "cleanup",
+        "fold-batchnorm",
+        "cleanup",
+        "quantize",
+    ]
+    assert report["fidelity"]["floors"] == {"min_top1_agreement": 0.99}
+    with pytest.raises(SystemExit):
+        main(["optimize", "--help"])
+    assert "shipped recipe (demo, edge, lossless)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_recipe_by_path(model_path: Path, tmp_path: Path) -> None:
     recipe = Path(__file__).resolve().parents[1] / "onnxslim_edge" / "recipes" / "lossless.toml"
     out = tmp_path / "out.onnx"
@@ -132,6 +154,10 @@ def test_recipe_by_path(model_path: Path, tmp_path: Path) -> None:
         ),
         (["optimize", "{model}", "-o", "{out}"], "give --recipe FILE or at least one --pass"),
         (["optimize", "{model}", "-o", "{out}", "--recipe", "{missing}"], "recipe file not found"),
+        (
+            ["optimize", "{model}", "-o", "{out}", "--recipe", "nope"],
+            "unknown recipe 'nope'; shipped: demo, edge, lossless (or give a .toml file's path)",
+        ),
         (
             ["optimize", "{model}", "-o", "{out}", "--pass", "cleanup", "--calib", "{baddata}"],
             "bad.npz",
