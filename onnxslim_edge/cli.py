@@ -535,16 +535,95 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    """Each pass: its whole first sentence, then per option its default, the values it
+    takes (from the config's type hints) and its meaning (from the config docstring's
+    `- `name`: ...` list)."""
+    import textwrap
+    import typing
+
     from onnxslim_edge.pipeline import available_passes, get_pass
 
     for name in available_passes():
         cls = get_pass(name)
-        doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name}{'  (lossless)' if cls.lossless else ''}: {doc[0] if doc else ''}")
+        lossless = "  (lossless)" if cls.lossless else ""
+        head = f"{name}{lossless}: {_first_sentence(cls.__doc__ or '')}"
+        print(textwrap.fill(head, 96, subsequent_indent=" " * 4, break_on_hyphens=False))
+        if not dataclasses.is_dataclass(cls.Config):
+            continue
+        meanings = _option_meanings(cls.Config.__doc__ or "")
+        hints = typing.get_type_hints(cls.Config)
         for f in dataclasses.fields(cls.Config):
-            default = f.default if f.default is not dataclasses.MISSING else "required"
-            print(f"    {f.name} = {default!r}")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            shown = "required" if f.default is dataclasses.MISSING else _option_value(default)
+            allowed = _allowed_values(hints.get(f.name, Any))
+            print(f"    {f.name} = {shown}" + (f"  [{allowed}]" if allowed else ""))
+            meaning = meanings.get(f.name)
+            if meaning:
+                indent = " " * 8
+                print(
+                    textwrap.fill(
+                        meaning,
+                        96,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                        break_on_hyphens=False,
+                    )
+                )
     return 0
+
+
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole ("e.g." does not end it)."""
+    import re
+
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    end = re.search(r"(?<!\be\.g)(?<!\bi\.e)\.(?=\s|$)", para)
+    return para[: end.end()] if end else para
+
+
+def _option_meanings(doc: str) -> dict[str, str]:
+    """`- `a`: text` (also `- `a` / `b`: text`, `- `a`, `b`: text`) items of a config
+    docstring, continuation lines joined: option name -> text."""
+    import re
+
+    meanings: dict[str, str] = {}
+    items = re.findall(r"^\s*- (.+?)(?=^\s*- |^\s*$|\Z)", doc, flags=re.M | re.S)
+    for item in items:
+        head, sep, text = item.partition(":")
+        names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", head)
+        if not sep or not names or re.sub(r"`[^`]*`|[\s,/]|and", "", head):
+            continue
+        for n in names:
+            meanings.setdefault(n, " ".join(text.split()))
+    return meanings
+
+
+def _option_value(value: Any) -> str:
+    """A default as typed on the command line (`--pass NAME:key=value`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "|".join(map(str, value)) if value else "(empty)"
+    return str(value)
+
+
+def _allowed_values(hint: Any) -> str:
+    """What an option takes, from its type hint: choices, true|false, a number ..."""
+    import types
+    import typing
+
+    origin, targs = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_allowed_values(a) for a in targs if a is not type(None)]
+        return " or ".join(p for p in parts if p) + (" or none" if type(None) in targs else "")
+    if origin is typing.Literal:
+        return " | ".join(map(str, targs))
+    if origin in (tuple, list):
+        item = _allowed_values(targs[0]) if targs else ""
+        return "list" + (f" of {item}" if item else "") + ": a|b|c"
+    return {bool: "true | false", int: "integer", float: "number", str: "text"}.get(hint, "")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -562,7 +641,15 @@ def _progress_enabled(args: argparse.Namespace) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnxslim-edge", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="onnxslim-edge",
+        description="Compress ONNX models for edge devices (TensorRT on Jetson, ONNX Runtime "
+        "on CPUs): inspect a model, optimize it with passes, verify and lint the result. "
+        "`onnxslim-edge COMMAND --help` describes each command.",
+        epilog="Exit status: 0 success; 1 a check found a problem (verify, lint, regress, "
+        "bundle, build-engine); 2 bad input (one line on stderr, no output file); 3 an "
+        "internal error (a bug; -v shows the traceback).",
+    )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -221,6 +222,37 @@ def test_passes_lists_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "cleanup  (lossless)" in out and "fold_size_limit" in out and "fold-batchnorm" in out
+    # each pass: its whole first sentence (several lines of the docstring), never cut
+    heads = {}
+    for block in re.split(r"\n(?=\S)", out.strip()):  # one block per pass
+        head = re.split(r"\n    \w+ = ", block)[0]  # the lines before the first option
+        heads[block.split(":")[0].split()[0]] = " ".join(head.split())
+    assert heads["fold-batchnorm"].endswith("that cannot itself be folded.")
+    assert heads["bias-correct"].endswith("is created when missing).")
+    assert heads["quantize"] == (
+        "quantize: Float Conv/ConvTranspose/Gemm/MatMul -> int8 weights + Q/DQ'd activations."
+    )
+    assert all(t.endswith(".") for t in heads.values()), heads
+    # each option: default, allowed values, and its meaning on the next line(s)
+    assert "    method = percentile  [minmax | percentile | entropy | mse]\n        how" in out
+    assert "    per_channel = true  [true | false]\n        one weight scale" in out
+    assert "    exclude_ops = (empty)  [list of text: a|b|c]\n        op types left" in out
+    assert "    max_samples = 256  [integer or none]\n        use at most" in out
+    lines = out.splitlines()
+    undocumented = [
+        ln.strip()
+        for ln, nxt in zip(lines, [*lines[1:], ""])
+        if re.match(r"    \w+ = ", ln) and not nxt.startswith(" " * 8)
+    ]
+    assert undocumented == [], "every built-in option has a meaning in its Config docstring"
+
+
+def test_top_level_help_ends_in_a_whole_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Compress ONNX models for edge devices" in text and not text.endswith(":")
+    assert text.endswith("3 an internal error (a bug; -v shows the traceback).")
 
 
 def test_console_script_is_installed(model_path: Path) -> None:
