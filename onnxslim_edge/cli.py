@@ -11,14 +11,14 @@
     bundle MODEL --jetpack V -o D -> jetson.bundle(model, jetpack, folder, ...)
     demo                          -> demo.run_demo()
 
-Exit status: 0 success, 1 `verify` found a difference beyond tolerance, `lint` an
-error-level violation, `regress` a regression, `bundle` a failed check or
-`build-engine` an engine whose outputs differ from ONNX Runtime's; 2 bad input
-(missing or corrupt file, wrong data, unknown pass or option, impossible target, an
-output that would overwrite an input, an unwritable output folder):
-one line on stderr naming the cause, and no output file; 3 an internal error (a bug:
-an unexpected exception), one line saying so, the traceback with `-v`. SIGINT (130) and SIGTERM
-(143) remove every temporary file; a closed stdout (`| head`) ends quietly (141).
+Exit status: 0 success, 1 `verify` found a difference beyond tolerance or a missed
+fidelity floor, `lint` an error-level violation, `regress` a regression, `bundle` a
+failed check or `build-engine` an engine whose outputs differ from ONNX Runtime's; 2
+bad input (missing or corrupt file, wrong data, unknown pass or option, impossible
+target, an output that would overwrite an input, an unwritable output folder): one
+line on stderr naming the cause, and no output file; 3 an internal error (a bug: an
+unexpected exception), one line saying so, the traceback with `-v`. SIGINT (130) and
+SIGTERM (143) remove every temporary file; a closed stdout (`| head`) ends quietly (141).
 All outputs of a run (model, external data, report) appear together or not at all.
 """
 
@@ -629,7 +629,13 @@ def _allowed_values(hint: Any) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxslim_edge.demo import run_demo
 
-    run_demo(Path(args.out), progress=_progress_enabled(args), runs=args.runs, target=args.target)
+    run_demo(
+        Path(args.out),
+        progress=_progress_enabled(args),
+        runs=args.runs,
+        target=args.target,
+        echo=not args.quiet,
+    )
     return 0
 
 
@@ -710,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         choices=("tensorrt", "onnxruntime-cpu"),
-        help="default: the recipe's, else tensorrt",
+        help="default: the recipe's target, else tensorrt (one rule, demo's too)",
     )
     p.add_argument("--report", help="write the pipeline report as JSON here")
     p.add_argument("--opset", type=_opset, help="convert the result to this opset")
@@ -845,10 +851,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         choices=("tensorrt", "onnxruntime-cpu"),
-        default="onnxruntime-cpu",
-        help="default onnxruntime-cpu: the demo measures on this CPU",
+        help="as for optimize: default the recipe's target (demo.toml: onnxruntime-cpu, "
+        "the CPU the demo measures on), else tensorrt",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing (warnings only)")
     p.set_defaults(func=cmd_demo)
     return parser
 
