@@ -53,3 +53,16 @@ def test_lowrank_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "lowrank.md", "exec"), {"__name__": "docs_lowrank"})
     assert (tmp_path / "model.lowrank.onnx").is_file()
+
+
+def test_readme_set_up_is_two_commands_and_pip_is_prose() -> None:
+    """The set-up block holds exactly the two script commands; a plain pip install is
+    offered beside it (not as a third set-up command), and the test run's duration is said."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.strip()]
+    assert commands == ["bash scripts/demo", "bash scripts/test"]
+    prose = re.sub(r"```.*?```", "", section, flags=re.S)
+    assert 'pip install ".[cpu]"' in prose
+    assert re.search(r"scripts/test` takes about \d+[–-]\d+ minutes on 2\s+cores", prose)
