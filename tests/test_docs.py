@@ -66,3 +66,30 @@ def test_readme_set_up_is_two_commands_and_pip_is_prose() -> None:
     prose = re.sub(r"```.*?```", "", section, flags=re.S)
     assert 'pip install ".[cpu]"' in prose
     assert re.search(r"scripts/test` takes about \d+[–-]\d+ minutes on 2\s+cores", prose)
+
+
+def test_docs_advertise_only_passes_that_exist() -> None:
+    """The README's pass table, design.md's registry list and the package description
+    name registered passes only, and the table lists every built-in one."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    from onnxslim_edge.pipeline import available_passes, get_pass
+
+    passes = set(available_passes())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Passes", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M))
+    assert listed == passes
+    design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    registry = design.split("- **Registry**: passes are found by name", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r"`([a-z0-9-]+)`", registry)) <= passes
+    for name in listed:
+        assert get_pass(name).__doc__, name
+    description = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["description"]
+    words = {"prune": "prune-channels", "quantize": "quantize", "low-rank": "lowrank"}
+    words["distill"] = "distill"
+    for word, name in words.items():
+        assert word not in description or name in passes, (word, description)
