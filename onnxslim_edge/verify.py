@@ -537,7 +537,7 @@ def _runner(model: onnx.ModelProto, label: str) -> Iterator[Any]:
     """An activated Polygraphy OnnxrtRunner for `model` (bytes, or a file from 64 MB)."""
     from polygraphy.backend.onnxrt import SessionFromOnnx
 
-    from onnxslim_edge.runtime import serialized
+    from onnxslim_edge.runtime import no_fallback_chatter, serialized
 
     with contextlib.ExitStack() as stack:
         if model_bytes(model) >= STREAM_THRESHOLD:  # a file written without a serialized copy
@@ -546,7 +546,8 @@ def _runner(model: onnx.ModelProto, label: str) -> Iterator[Any]:
             source = serialized(model)
         runner = _runner_class()(SessionFromOnnx(source, providers=["cpu"]), name=label)
         try:
-            runner.activate()
+            with no_fallback_chatter():  # ORT's "EP Error" banner stays off stdout
+                runner.activate()
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise UnsupportedError(
                 f"{label}: ONNX Runtime cannot load the model: {first_line(exc)}"

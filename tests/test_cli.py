@@ -314,7 +314,9 @@ def test_lint_flags_uint8_qdq(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "non-int8" in out and "zero-point-nonzero" in out
 
 
-def test_fold_quantize_bias_correct_on_the_digits_cnn(tmp_path: Path) -> None:
+def test_fold_quantize_bias_correct_on_the_digits_cnn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """fold-batchnorm renames the residual Conv's output to the BN's; bias-correct exposes
     it, which ONNX Runtime's layout rewrites used to fuse away ("Failed to find node
     output ... BatchNormalization_output_0", exit 2)."""
@@ -325,6 +327,7 @@ def test_fold_quantize_bias_correct_on_the_digits_cnn(tmp_path: Path) -> None:
     argv += ["--pass", "fold-batchnorm", "--pass", "quantize:exclude_ops=Add"]
     argv += ["--pass", "bias-correct", "--report", str(tmp_path / "r.json")]
     assert main(argv) == 0
+    assert capsys.readouterr().out == "", "-q: nothing, not ONNX Runtime's EP Error banner"
     report = json.loads((tmp_path / "r.json").read_text())
     bias = next(p for p in report["passes"] if p["name"] == "bias-correct")
     assert bias["counters"]["layers_corrected"] >= 5 and not bias["skips"]
@@ -426,3 +429,18 @@ def test_the_bundled_test_set_serves_as_calib(
     assert "QuantizeLinear" in ops
     assert main(["verify", str(DIGITS), str(out), "--data", str(DIGITS_DATA)]) == 1
     assert "450 sample(s)" in capsys.readouterr().out
+
+
+def test_verify_json_stays_json_when_the_candidate_cannot_load(
+    model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ONNX Runtime prints an "EP Error" banner on stdout when it refuses a session; it
+    must not land in the middle of --json output."""
+    model = _conv_bn_model()
+    model.graph.node[2].domain = "com.example.unknown"  # the Identity: no kernel anywhere
+    model.opset_import.append(helper.make_opsetid("com.example.unknown", 1))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model.SerializeToString())
+    assert main(["verify", str(model_path), str(broken), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is False and "cannot load the model" in result["messages"][0]
