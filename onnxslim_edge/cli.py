@@ -12,13 +12,14 @@
     sweep MODEL --space S -o DIR  -> sweep.run.run_sweep(model, space, data=..., eval_data=...)
     demo                          -> demo.run_demo()
 
-Exit status: 0 success, 1 `verify` found a difference beyond tolerance, `lint` an
-error-level violation, `regress` a regression, `bundle` a failed check or
-`build-engine` an engine whose outputs differ from ONNX Runtime's; 2 bad input
-(missing or corrupt file, wrong data, unknown pass or option, impossible target, an
-output that would overwrite an input, an unwritable output folder):
-one line on stderr naming the cause, and no output file. SIGINT (130) and SIGTERM
-(143) remove every temporary file; a closed stdout (`| head`) ends quietly (141).
+Exit status: 0 success, 1 `verify` found a difference beyond tolerance or a missed
+fidelity floor, `lint` an error-level violation, `regress` a regression, `bundle` a
+failed check or `build-engine` an engine whose outputs differ from ONNX Runtime's; 2
+bad input (missing or corrupt file, wrong data, unknown pass or option, impossible
+target, an output that would overwrite an input, an unwritable output folder): one
+line on stderr naming the cause, and no output file; 3 an internal error (a bug: an
+unexpected exception), one line saying so, the traceback with `-v`. SIGINT (130) and
+SIGTERM (143) remove every temporary file; a closed stdout (`| head`) ends quietly (141).
 All outputs of a run (model, external data, report) appear together or not at all.
 """
 
@@ -39,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, UnsupportedError
+from onnxslim_edge.errors import ConfigError, OnnxSlimEdgeError, UnsupportedError, first_line
 
 __all__ = ["main"]
 
@@ -245,7 +246,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     # Parse everything the user typed before any work starts.
     passes, floors, target = [], {}, args.target
     if args.recipe:
-        recipe = load_recipe(Path(args.recipe))
+        recipe = load_recipe(Path(args.recipe) if Path(args.recipe).is_file() else args.recipe)
         passes.extend(recipe.passes)
         floors.update(recipe.floors)
         target = target or recipe.target
@@ -320,9 +321,16 @@ def _input_cannot_be_checked(model: Any, src: Path, pipeline: Any, exc: BaseExce
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Element-wise tolerances, or the recipes' fidelity floors (which then judge alone,
+    unless --rtol/--atol are also given), as `regress` does."""
     from onnxslim_edge.model import load_model
     from onnxslim_edge.verify import compare
 
+    floors = _floors(args)
+    bad = [f"{k}={v}" for k, v in floors.items() if not math.isfinite(v)]
+    if bad:  # a NaN floor would pass everything
+        raise ConfigError(f"fidelity floors must be finite numbers (got {', '.join(bad)})")
+    elementwise = not floors or args.rtol is not None or args.atol is not None
     reference = load_model(args.reference)
     candidate = load_model(args.candidate)
     _check_input_shapes(reference, args.input_shape)
@@ -331,23 +339,59 @@ def cmd_verify(args: argparse.Namespace) -> int:
         reference,
         candidate,
         data,
-        rtol=args.rtol,
-        atol=args.atol,
+        rtol=1e-5 if args.rtol is None else args.rtol,
+        atol=1e-5 if args.atol is None else args.atol,
         atol_mode=args.atol_mode,
         max_samples=args.samples,
         input_shapes=args.input_shape,
         seed=args.seed,
         progress=_progress_enabled(args),
     )
+    lines, missed = _floor_lines(result, floors)
+    passed = (result.passed or not elementwise) and not missed
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if floors:
+            out["elementwise"] = elementwise
+            out["floors"] = floors
+            out["floors_missed"] = missed
+        out["passed"] = passed
+        print(json.dumps(out, indent=2))
     else:
         print(result.to_table())
-        print(
-            ("PASS" if result.passed else "FAIL")
-            + (": " + result.summary() if not result.passed else "")
-        )
-    return 0 if result.passed else 1
+        if not elementwise:
+            print("the floors judge, not rtol/atol (the 'ok' column); --rtol/--atol add them")
+        for line in lines:
+            print(line)
+        if passed:
+            print("PASS")
+        else:
+            why = [result.summary()] if elementwise and not result.passed else []
+            print("FAIL: " + "; ".join(why + missed))
+    return 0 if passed else 1
+
+
+def _floor_lines(result: Any, floors: dict[str, float]) -> tuple[list[str], list[str]]:
+    """One report line per fidelity floor (its worst output's value, met or missed) and
+    the misses, from the fidelity engine's own `misses`. A comparison that failed (an
+    output missing, a candidate ONNX Runtime cannot run) misses every floor."""
+    from onnxslim_edge.verify import FLOOR_SPECS
+
+    lines, missed = [], []
+    for key, floor in floors.items():
+        attr, label, sign = FLOOR_SPECS[key]
+        misses = result.misses({key: floor})
+        missed += [m for m in misses if m not in missed]
+        worst = getattr(result, attr)
+        bound = f"{label} {'>=' if sign > 0 else '<='} {floor:.10g}"
+        if misses:
+            verdict = "FAIL (" + "; ".join(misses) + ")"
+        elif worst is None:
+            verdict = "not applicable (no output defines it)"
+        else:
+            verdict = f"ok (worst {worst:.6g})"
+        lines.append(f"floor {bound}: {verdict}")
+    return lines, missed
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -368,7 +412,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--nm {args.nm}: expected N:M with 0 < N < M, e.g. 2:4") from None
         nm_results = check_nm(model, n, m)
-        failed = failed or any(not r.ok for r in nm_results)
+        failed = failed or any(r.violation for r in nm_results)
     if args.json:
         out = {
             "target": args.target,
@@ -557,22 +601,107 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    """Each pass: its whole first sentence, then per option its default, the values it
+    takes (from the config's type hints) and its meaning (from the config docstring's
+    `- `name`: ...` list)."""
+    import textwrap
+    import typing
+
     from onnxslim_edge.pipeline import available_passes, get_pass
 
     for name in available_passes():
         cls = get_pass(name)
-        doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name}{'  (lossless)' if cls.lossless else ''}: {doc[0] if doc else ''}")
+        lossless = "  (lossless)" if cls.lossless else ""
+        head = f"{name}{lossless}: {_first_sentence(cls.__doc__ or '')}"
+        print(textwrap.fill(head, 96, subsequent_indent=" " * 4, break_on_hyphens=False))
+        if not dataclasses.is_dataclass(cls.Config):
+            continue
+        meanings = _option_meanings(cls.Config.__doc__ or "")
+        hints = typing.get_type_hints(cls.Config)
         for f in dataclasses.fields(cls.Config):
-            default = f.default if f.default is not dataclasses.MISSING else "required"
-            print(f"    {f.name} = {default!r}")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            shown = "required" if f.default is dataclasses.MISSING else _option_value(default)
+            allowed = _allowed_values(hints.get(f.name, Any))
+            print(f"    {f.name} = {shown}" + (f"  [{allowed}]" if allowed else ""))
+            meaning = meanings.get(f.name)
+            if meaning:
+                indent = " " * 8
+                print(
+                    textwrap.fill(
+                        meaning,
+                        96,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                        break_on_hyphens=False,
+                    )
+                )
     return 0
+
+
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole ("e.g." does not end it)."""
+    import re
+
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    end = re.search(r"(?<!\be\.g)(?<!\bi\.e)\.(?=\s|$)", para)
+    return para[: end.end()] if end else para
+
+
+def _option_meanings(doc: str) -> dict[str, str]:
+    """`- `a`: text` (also `- `a` / `b`: text`, `- `a`, `b`: text`) items of a config
+    docstring, continuation lines joined: option name -> text."""
+    import re
+
+    meanings: dict[str, str] = {}
+    items = re.findall(r"^\s*- (.+?)(?=^\s*- |^\s*$|\Z)", doc, flags=re.M | re.S)
+    for item in items:
+        head, sep, text = item.partition(":")
+        names = re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", head)
+        if not sep or not names or re.sub(r"`[^`]*`|[\s,/]|and", "", head):
+            continue
+        for n in names:
+            meanings.setdefault(n, " ".join(text.split()))
+    return meanings
+
+
+def _option_value(value: Any) -> str:
+    """A default as typed on the command line (`--pass NAME:key=value`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "|".join(map(str, value)) if value else "(empty)"
+    return str(value)
+
+
+def _allowed_values(hint: Any) -> str:
+    """What an option takes, from its type hint: choices, true|false, a number ..."""
+    import types
+    import typing
+
+    origin, targs = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_allowed_values(a) for a in targs if a is not type(None)]
+        return " or ".join(p for p in parts if p) + (" or none" if type(None) in targs else "")
+    if origin is typing.Literal:
+        return " | ".join(map(str, targs))
+    if origin in (tuple, list):
+        item = _allowed_values(targs[0]) if targs else ""
+        return "list" + (f" of {item}" if item else "") + ": a|b|c"
+    return {bool: "true | false", int: "integer", float: "number", str: "text"}.get(hint, "")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxslim_edge.demo import run_demo
 
-    run_demo(Path(args.out), progress=_progress_enabled(args), runs=args.runs, target=args.target)
+    run_demo(
+        Path(args.out),
+        progress=_progress_enabled(args),
+        runs=args.runs,
+        target=args.target,
+        echo=not args.quiet,
+    )
     return 0
 
 
@@ -584,7 +713,15 @@ def _progress_enabled(args: argparse.Namespace) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnxslim-edge", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="onnxslim-edge",
+        description="Compress ONNX models for edge devices (TensorRT on Jetson, ONNX Runtime "
+        "on CPUs): inspect a model, optimize it with passes, verify and lint the result. "
+        "`onnxslim-edge COMMAND --help` describes each command.",
+        epilog="Exit status: 0 success; 1 a check found a problem (verify, lint, regress, "
+        "bundle, build-engine); 2 bad input (one line on stderr, no output file); 3 an "
+        "internal error (a bug; -v shows the traceback).",
+    )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
@@ -606,6 +743,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables")
 
+    def floor_options(p: argparse.ArgumentParser) -> None:
+        """The recipes' fidelity floors (verify.FLOOR_KEYS), judged per output."""
+        p.add_argument(
+            "--min-cosine", type=float, help="fidelity floor: judges instead of rtol/atol"
+        )
+        p.add_argument("--min-sqnr", type=float, metavar="DB", help="fidelity floor in dB")
+        p.add_argument(
+            "--min-top1-agreement", type=float, help="fidelity floor for 2-D logits (0..1)"
+        )
+        p.add_argument("--max-abs-error", type=float, help="fidelity limit")
+
     p = sub.add_parser("inspect", help="params, size, MACs, ops, inputs and outputs of a model")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -616,7 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="run passes on a model and save the result")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
-    p.add_argument("--recipe", help="TOML recipe ([[pass]] tables)")
+    p.add_argument(
+        "--recipe",
+        metavar="NAME|FILE",
+        help=f"a shipped recipe ({', '.join(_shipped_recipes())}) or a TOML file ([[pass]] tables)",
+    )
     p.add_argument(
         "--pass",
         dest="passes",
@@ -630,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         choices=("tensorrt", "onnxruntime-cpu"),
-        help="default: the recipe's, else tensorrt",
+        help="default: the recipe's target, else tensorrt (one rule, demo's too)",
     )
     p.add_argument("--report", help="write the pipeline report as JSON here")
     p.add_argument("--opset", type=_opset, help="convert the result to this opset")
@@ -647,14 +799,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", help="inputs: .npz, folder of .npz/.npy/images; default: random (smoke test)"
     )
-    p.add_argument("--rtol", type=_tolerance, default=1e-5)
-    p.add_argument("--atol", type=_tolerance, default=1e-5)
+    p.add_argument("--rtol", type=_tolerance, help="element-wise tolerance (default 1e-5)")
+    p.add_argument("--atol", type=_tolerance, help="default 1e-5 (x output range, see --atol-mode)")
     p.add_argument(
         "--atol-mode",
         choices=("absolute", "range"),
         default="range",
         help="range: atol is relative to max|reference| per output",
     )
+    floor_options(p)
     p.add_argument("--json", action="store_true")
     data_options(p)
     p.set_defaults(func=cmd_verify)
@@ -702,10 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, help="element-wise tolerance (default 1e-5)")
     p.add_argument("--atol", type=float, help="default 1e-5 (x output range, see --atol-mode)")
     p.add_argument("--atol-mode", choices=("absolute", "range"), default="range")
-    p.add_argument("--min-cosine", type=float, help="fidelity floor instead of rtol/atol")
-    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fidelity floor in dB")
-    p.add_argument("--min-top1-agreement", type=float, help="fidelity floor for logits")
-    p.add_argument("--max-abs-error", type=float, help="fidelity limit")
+    floor_options(p)
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per model")
     p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,..")
     p.add_argument("--json", action="store_true")
@@ -785,12 +935,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         choices=("tensorrt", "onnxruntime-cpu"),
-        default="onnxruntime-cpu",
-        help="default onnxruntime-cpu: the demo measures on this CPU",
+        help="as for optimize: default the recipe's target (demo.toml: onnxruntime-cpu, "
+        "the CPU the demo measures on), else tensorrt",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing (warnings only)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _shipped_recipes() -> list[str]:
+    from onnxslim_edge.recipe import shipped_recipes
+
+    return list(shipped_recipes())
 
 
 def _version() -> str:
@@ -872,6 +1028,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         _error("terminated (SIGTERM)")
         return 143
+    except Exception as exc:  # a bug, not bad input: say so, with the traceback on -v
+        if verbose:
+            traceback.print_exc()
+        _error(
+            f"internal error: {type(exc).__name__}: {first_line(exc)}"
+            + ("" if verbose else " (a bug in onnxslim-edge; -v shows the traceback)")
+        )
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -144,7 +144,7 @@ def run_demo(
     out: str | os.PathLike = "onnxslim-edge-demo",
     *,
     runs: int = 30,
-    target: str = "onnxruntime-cpu",
+    target: str | None = None,
     progress: bool = False,
     echo: bool = True,
 ) -> DemoResult:
@@ -153,12 +153,14 @@ def run_demo(
     Writes `digits_cnn.optimized.onnx` and `report.json` into `out` (created if needed).
     Latency is measured interleaved (original and optimized in the same loop, 2 threads,
     spinning off) at batch 1 and 8; quote the ratio, not the absolute times. The target
-    defaults to `onnxruntime-cpu` because that is what the demo measures on; with
+    follows the one rule of `optimize`: `target`, else the recipe's (demo.toml:
+    `onnxruntime-cpu`, because the demo measures on this CPU), else `tensorrt`; with
     `tensorrt` the Q/DQ layout is TensorRT's, which ONNX Runtime's CPU kernels run slower.
+    `echo=False` prints nothing.
     """
     from onnxslim_edge.analysis import model_cost
     from onnxslim_edge.model import Outputs, check_output_path, load_model
-    from onnxslim_edge.pipeline import Context, Pipeline
+    from onnxslim_edge.pipeline import Context, Pipeline, load_recipe
     from onnxslim_edge.timing import measure_latency
 
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
@@ -173,6 +175,8 @@ def run_demo(
             check_output_path(path, "demo output")
     else:  # created at the end, when there is something to put in it
         check_output_path(folder, "demo output folder")
+    if target is None:
+        target = load_recipe(DEMO_RECIPE).target
     images, _ = load_digits_test()
     original = load_model(DIGITS_MODEL)
     input_name = original.graph.input[0].name

@@ -369,10 +369,13 @@ def _save_engine(engine: Any, out: Path) -> None:
     """The serialized engine, written whole or not at all."""
     import tempfile
 
+    from onnxslim_edge.model import new_file_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(bytes(engine.serialize()))
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0o600 would make the engine private
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -431,6 +431,7 @@ def bundle(
     synthetic in the README)."""
     from onnxslim_edge.data import open_data
     from onnxslim_edge.engine import default_tolerance
+    from onnxslim_edge.model import new_file_mode
     from onnxslim_edge.polygraphy_io import save_inputs, save_run_results
     from onnxslim_edge.regress import _run_outputs, atomic_folder
 
@@ -488,7 +489,7 @@ def bundle(
         )
         for name, text in (("build_engine.sh", build), ("compare.sh", compare)):
             (tmp / name).write_text(text)
-            (tmp / name).chmod(0o755)
+            (tmp / name).chmod(new_file_mode(executable=True))  # 0o755 under umask 022
         (tmp / "checks.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         (tmp / "README.md").write_text(
             _readme(t, result, trtexec, source.describe(), source.is_synthetic, rtol, atol, force)

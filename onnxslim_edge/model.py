@@ -46,6 +46,7 @@ __all__ = [
     "min_ir_version",
     "model_bytes",
     "model_on_disk",
+    "new_file_mode",
     "save_model",
     "skeleton",
     "stand_ins",
@@ -725,11 +726,13 @@ def check_paths(
         written.append((what, path, resolved, inode))
 
 
-def _file_mode() -> int:
-    """Permissions a new file gets here (0o666 less the umask); mkstemp would give 0o600."""
+def new_file_mode(*, executable: bool = False) -> int:
+    """Permissions a new file gets from any tool here: 0o666 (0o777 for a script or a
+    folder) less the umask. mkstemp/mkdtemp give 0o600/0o700, so every output staged
+    through a temporary file is chmod-ed to this before it is renamed into place."""
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if executable else 0o666) & ~umask
 
 
 @contextlib.contextmanager
@@ -779,7 +782,7 @@ class Outputs:
         tmp = Path(name)
         self._staged.append((tmp, target))
         os.close(fd)
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, new_file_mode())
         return tmp
 
     def model(

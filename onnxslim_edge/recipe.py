@@ -1,8 +1,10 @@
 """Recipes: a pipeline as TOML data (`[[pass]]` tables, a `target`, `[verify]` floors).
 
-`load_recipe` reads a TOML file, TOML text or a mapping into a `Recipe` (configured
-passes from the registry, the target name, fidelity floors from `FLOOR_KEYS`), with
-one `ConfigError` naming the file and the key for anything it cannot use.
+`load_recipe` reads a TOML file, a shipped recipe by name (`shipped_recipes()`: the
+`.toml` files in `onnxslim_edge/recipes/`, e.g. "lossless", "edge"), TOML text or a
+mapping into a `Recipe` (configured passes from the registry, the target name,
+fidelity floors from `FLOOR_KEYS`), with one `ConfigError` naming the file and the key
+for anything it cannot use.
 """
 
 from __future__ import annotations
@@ -21,7 +23,31 @@ from onnxslim_edge.errors import ConfigError
 from onnxslim_edge.registry import create_pass
 from onnxslim_edge.verify import FLOOR_KEYS  # the one list of floors (re-exported)
 
-__all__ = ["FLOOR_KEYS", "Recipe", "load_recipe"]
+__all__ = ["FLOOR_KEYS", "Recipe", "load_recipe", "shipped_recipes"]
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that come with the package, by name: {"demo": .../demo.toml, ...}."""
+    from importlib.resources import files
+
+    folder = Path(str(files("onnxslim_edge") / "recipes"))
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def _recipe_file(source: str | os.PathLike) -> Path:
+    """A recipe argument as a file: an existing path, else a shipped recipe's name."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    text = str(source)
+    shipped = shipped_recipes()
+    if text in shipped:
+        return shipped[text]
+    if os.sep in text or "/" in text or path.suffix:
+        raise ConfigError(f"{text}: recipe file not found")
+    raise ConfigError(
+        f"unknown recipe '{text}'; shipped: {', '.join(shipped)} (or give a .toml file's path)"
+    )
 
 
 @dataclass(frozen=True)
@@ -32,7 +58,8 @@ class Recipe:
 
 
 def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
-    """A recipe from a TOML file, TOML text or a mapping.
+    """A recipe from a TOML file, a shipped recipe's name ("lossless", "edge", "demo":
+    see `shipped_recipes`; an existing file of that name wins), TOML text or a mapping.
 
     target = "tensorrt"
     [[pass]]
@@ -54,10 +81,8 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         if isinstance(source, os.PathLike) or (
             not text.lstrip().startswith(("[", "#")) and "\n" not in text and "=" not in text
         ):
-            path = Path(source)
+            path = _recipe_file(source)
             origin = str(path)
-            if not path.is_file():
-                raise ConfigError(f"{origin}: recipe file not found")
             text = path.read_text(encoding="utf-8", errors="replace")
         try:
             doc = tomllib.loads(text)

@@ -44,7 +44,7 @@ import onnx
 
 from onnxslim_edge import polygraphy_io
 from onnxslim_edge.errors import ConfigError, DataError, OnnxSlimEdgeError, first_line
-from onnxslim_edge.model import ModelSource, load_model, save_model
+from onnxslim_edge.model import ModelSource, load_model, new_file_mode, save_model
 
 __all__ = [
     "BUDGET_KEYS",
@@ -96,9 +96,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         raise ConfigError(f"{target}: cannot create folder {parent} ({exc.strerror})") from exc
     done = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result folder is not
+    os.chmod(tmp, new_file_mode(executable=True))  # mkdtemp makes it private; a result is not
     try:
         yield tmp
         old = None

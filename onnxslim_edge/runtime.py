@@ -24,6 +24,7 @@ from onnxslim_edge.model import STREAM_THRESHOLD, lower_ir_version, model_bytes,
 __all__ = [
     "OPTIMIZATION_LEVELS",
     "make_session",
+    "no_fallback_chatter",
     "ort_log_severity",
     "serialized",
     "set_ort_log_severity",
@@ -60,6 +61,27 @@ def ort_log_severity(level: int) -> Iterator[None]:
         yield
     finally:
         ort.set_default_logger_severity(previous)
+
+
+@contextlib.contextmanager
+def no_fallback_chatter() -> Iterator[None]:
+    """Keep ONNX Runtime's provider-fallback banner off stdout while a session is made.
+
+    When a session cannot be created, `onnxruntime.InferenceSession` prints "EP Error ...
+    Falling back to ['CPUExecutionProvider'] and retrying." to stdout and tries again
+    (pointless on CPU); the refusal itself still raises, with its message. On stdout the
+    banner would corrupt `--json` output and break `-q`; it goes to the debug log instead.
+    """
+    import io
+
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            log.debug("onnxruntime: %s", " ".join(text.split()))
 
 
 def serialized(model: onnx.ModelProto) -> bytes:
@@ -128,18 +150,23 @@ def make_session(
     }
     opts.graph_optimization_level = levels[optimization]
     try:
-        if isinstance(model, onnx.ModelProto):
-            if model_bytes(model) >= STREAM_THRESHOLD:
-                # Written without a serialized copy, weights as external data: ONNX
-                # Runtime then holds them once (from bytes it keeps the parsed proto too).
-                with model_on_disk(model, external=True) as path:
-                    return ort.InferenceSession(str(path), opts, providers=list(providers))
-            return ort.InferenceSession(serialized(model), opts, providers=list(providers))
-        if not os.path.exists(model):
-            raise InvalidModelError(f"{model}: model file not found")
-        return ort.InferenceSession(str(model), opts, providers=list(providers))
+        with no_fallback_chatter():
+            return _session(ort, model, opts, providers)
     except (InvalidModelError, UnsupportedError):
         raise
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
         first = first_line(exc)
         raise UnsupportedError(f"ONNX Runtime cannot load the model: {first}") from exc
+
+
+def _session(ort: Any, model: Any, opts: Any, providers: tuple[str, ...]) -> Any:
+    if isinstance(model, onnx.ModelProto):
+        if model_bytes(model) >= STREAM_THRESHOLD:
+            # Written without a serialized copy, weights as external data: ONNX Runtime
+            # then holds them once (from bytes it keeps the parsed proto too).
+            with model_on_disk(model, external=True) as path:
+                return ort.InferenceSession(str(path), opts, providers=list(providers))
+        return ort.InferenceSession(serialized(model), opts, providers=list(providers))
+    if not os.path.exists(model):
+        raise InvalidModelError(f"{model}: model file not found")
+    return ort.InferenceSession(str(model), opts, providers=list(providers))

@@ -64,6 +64,7 @@ from onnxslim_edge.model import (
 
 __all__ = [
     "FLOOR_KEYS",
+    "FLOOR_SPECS",
     "Evaluator",
     "Fidelity",
     "OutputMetrics",
@@ -85,6 +86,8 @@ _FLOORS = {
 }
 #: The fidelity floors a recipe, a pass or a caller may demand (the one list).
 FLOOR_KEYS = tuple(_FLOORS)
+#: Each floor's (Fidelity attribute of its worst output, label, +1 lower / -1 upper bound).
+FLOOR_SPECS = dict(_FLOORS)
 
 #: A task metric: `task(feed, reference_outputs, candidate_outputs) -> {name: value}`
 #: for one batch; the values are averaged over batches, weighted by their samples.
@@ -366,9 +369,9 @@ class Fidelity:
                 if value is None:
                     continue
                 if sign > 0 and value < floor:
-                    misses.append(f"output '{m.name}': {label} {value:.6g} < floor {floor:g}")
+                    misses.append(f"output '{m.name}': {label} {value:.6g} < floor {floor:.10g}")
                 elif sign < 0 and value > floor:
-                    misses.append(f"output '{m.name}': {label} {value:.6g} > limit {floor:g}")
+                    misses.append(f"output '{m.name}': {label} {value:.6g} > limit {floor:.10g}")
         return misses
 
     def worst_metrics(self) -> dict[str, Any]:
@@ -534,7 +537,7 @@ def _runner(model: onnx.ModelProto, label: str) -> Iterator[Any]:
     """An activated Polygraphy OnnxrtRunner for `model` (bytes, or a file from 64 MB)."""
     from polygraphy.backend.onnxrt import SessionFromOnnx
 
-    from onnxslim_edge.runtime import serialized
+    from onnxslim_edge.runtime import no_fallback_chatter, serialized
 
     with contextlib.ExitStack() as stack:
         if model_bytes(model) >= STREAM_THRESHOLD:  # no serialized copy; weights held once
@@ -543,7 +546,8 @@ def _runner(model: onnx.ModelProto, label: str) -> Iterator[Any]:
             source = serialized(model)
         runner = _runner_class()(SessionFromOnnx(source, providers=["cpu"]), name=label)
         try:
-            runner.activate()
+            with no_fallback_chatter():  # ORT's "EP Error" banner stays off stdout
+                runner.activate()
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise UnsupportedError(
                 f"{label}: ONNX Runtime cannot load the model: {first_line(exc)}"

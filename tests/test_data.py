@@ -187,7 +187,7 @@ def test_shape_mismatch_message(tmp_path):
     [
         ({"x": np.zeros((2, 3, 4), np.float32)}, r"d\.npz: no array for input 'ids' \(arrays: x\)"),
         (
-            {"x": np.zeros((2, 3, 4)), "ids": np.zeros((2, 5), np.int64), "extra": np.zeros(2)},
+            {"x": np.zeros((2, 3, 4)), "extra": np.zeros(2)},
             r"d\.npz: array 'extra' is not an input of the model \(inputs: x, ids\)",
         ),
         (
@@ -528,3 +528,26 @@ def test_random_data_honours_the_seed(caplog):
     assert not np.array_equal(_concat(seven, "x"), _concat(zero, "x"))
     np.testing.assert_array_equal(_concat(seven, "x"), _concat(again, "x"))
     assert "random data (seed 7)" in open_data("random", model, seed=7).describe()
+
+
+def test_arrays_that_are_not_inputs_are_left_out_with_one_note(tmp_path, caplog):
+    """A labelled test set (`image` + `label`, like the demo's) serves as calibration
+    data: `label` is never fed, and said once per file, however often it is read."""
+    path = tmp_path / "labelled.npz"
+    x = np.random.default_rng(0).standard_normal((5, 3, 4)).astype(np.float32)
+    ids = np.arange(25, dtype=np.int64).reshape(5, 5)
+    np.savez(path, x=x, ids=ids, label=np.arange(5), weight=np.ones(5))
+    with caplog.at_level(logging.WARNING, logger="onnxslim_edge.data"):
+        for _ in range(2):
+            feeds = list(open_data(path, TWO, batch_size=2))
+    assert [sorted(f) for f in feeds] == [["ids", "x"]] * 3
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x)
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == [
+        f"{path}: ignoring array(s) 'label', 'weight': not inputs of the model (inputs: x, ids)"
+    ]
+    # feed dicts from a Python iterable: the same rule
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxslim_edge.data"):
+        feeds = list(open_data([{"x": x[:2], "ids": ids[:2], "label": np.arange(2)}], TWO))
+    assert sorted(feeds[0]) == ["ids", "x"] and "ignoring array(s) 'label'" in caplog.text

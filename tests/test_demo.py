@@ -38,8 +38,25 @@ def test_demo_keeps_accuracy_and_shrinks_the_model(tmp_path: Path) -> None:
 def test_demo_tensorrt_target_is_lint_clean(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--runs", "2", "--target", "tensorrt", "-q"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--runs", "2", "--target", "tensorrt"]) == 0
     out = capsys.readouterr().out
-    assert "top-1 accuracy" in out and "speed x" in out
+    assert "target tensorrt" in out and "top-1 accuracy" in out and "speed x" in out
     model = onnx.load(str(tmp_path / "digits_cnn.optimized.onnx"))
     assert [v for v in lint_qdq(model) if v.severity == "error"] == []
+    assert json.loads((tmp_path / "report.json").read_text())["demo"]["target"] == "tensorrt"
+
+
+def test_demo_quiet_prints_nothing_and_takes_the_recipes_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One target rule for optimize and demo: --target, else the recipe's, else tensorrt
+    (demo.toml says onnxruntime-cpu)."""
+    from onnxslim_edge.demo import DEMO_RECIPE
+    from onnxslim_edge.recipe import load_recipe
+
+    assert load_recipe(DEMO_RECIPE).target == "onnxruntime-cpu"
+    assert main(["demo", "--out", str(tmp_path), "--runs", "2", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["demo"]["target"] == report["target"] == "onnxruntime-cpu"

@@ -211,3 +211,37 @@ def test_a_skeletons_fingerprint_is_its_models() -> None:
     w.values = np.array(w.values) * 1.0001
     assert fingerprint(export_skeleton(graph)) != fingerprint(model)
     assert fingerprint(export_skeleton(graph)) == fingerprint(export_graph(graph))
+
+
+def test_exposing_session_retries_when_ort_fuses_an_exposed_tensor_away(monkeypatch) -> None:
+    """ONNX Runtime 1.32 at optimization "all" can drop an exposed tensor and refuse the
+    session (the digits CNN after fold-batchnorm + quantize, tests/test_cli.py): the
+    session is made again at "extended"; other refusals and other levels still raise."""
+    import pytest
+
+    import onnxslim_edge.runtime as runtime
+    from onnxslim_edge.errors import UnsupportedError
+
+    real = runtime.make_session
+    levels: list[str] = []
+    refusal = {"text": "Failed to find node output or a constant initializer producing output: a."}
+
+    def flaky(model, *, optimization="all", **kwargs):
+        levels.append(optimization)
+        if optimization in ("all", "basic"):
+            raise UnsupportedError(f"ONNX Runtime cannot load the model: {refusal['text']}")
+        return real(model, optimization=optimization, **kwargs)
+
+    monkeypatch.setattr(runtime, "make_session", flaky)
+    session = exposing_session(_model(), ["a"])
+    assert levels == ["all", "extended"]
+    assert [o.name for o in session.get_outputs()] == ["y", "a"]
+    levels.clear()
+    with pytest.raises(UnsupportedError, match="Failed to find node output"):
+        exposing_session(_model(), ["a"], optimization="basic")  # asked for: no retry
+    assert levels == ["basic"]
+    levels.clear()
+    refusal["text"] = "Could not find an implementation for Foo"
+    with pytest.raises(UnsupportedError, match="implementation for Foo"):
+        exposing_session(_model(), ["a"])
+    assert levels == ["all"]

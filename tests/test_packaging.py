@@ -153,3 +153,50 @@ def test_installed_wheel_imports_passes_only_under_package(wheel: Path, tmp_path
     assert Path(result["package"]).resolve().is_relative_to(target.resolve()), result
     assert Path(result["cleanup"]).resolve().is_relative_to(target.resolve()), result
     assert result["passes"] is None, f"`import passes` should fail, found {result['passes']}"
+
+
+@pytest.mark.slow
+def test_license_is_an_spdx_expression(wheel: Path) -> None:
+    """pyproject's `license` is the SPDX string (the table form is deprecated and stops
+    building in 2027); setuptools >= 77 writes it as License-Expression."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert any(
+        r.replace(" ", "").startswith("setuptools>=77") for r in project["build-system"]["requires"]
+    )
+    metadata = _dist_info_file(wheel, "METADATA")
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+
+
+@pytest.mark.slow
+def test_sdist_carries_the_pages_the_readme_links(tmp_path: Path) -> None:
+    import re
+    import tarfile
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=_IGNORE)
+    (src / "benchmarks").mkdir()  # _IGNORE drops benchmarks/; its linked pages come back
+    shutil.copy(REPO / "benchmarks" / "RESULTS.md", src / "benchmarks" / "RESULTS.md")
+    shutil.copytree(REPO / "benchmarks" / "results", src / "benchmarks" / "results")
+    out = tmp_path / "dist"
+    if importlib.util.find_spec("build") is not None:
+        cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation"]
+        cmd += ["--skip-dependency-check", "--outdir", str(out), str(src)]
+    else:
+        pytest.skip("the `build` package (dev extra) builds the sdist")
+    _run(cmd, cwd=tmp_path)
+    [sdist] = out.glob("onnxslim_edge-*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    readme = (REPO / "README.md").read_text()
+    linked = set(re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)\)", readme))
+    assert {"docs/design.md", "benchmarks/RESULTS.md"} <= linked
+    missing = sorted(p for p in linked if p not in names)
+    assert not missing, f"linked from the README but not in {sdist.name}: {missing}"
+    docs = {p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md")}
+    assert docs <= names

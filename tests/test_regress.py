@@ -132,7 +132,7 @@ def test_different_outputs_fail_tolerance_and_floors_judge_lossy(
     assert lossy.passed, lossy.to_text()
     cos = lossy.fidelity.outputs["y"].cosine
     too_high = regress(cand, folder, floors={"min_cosine": 0.9999999})
-    assert too_high.problems == [f"outputs: output 'y': cosine {cos:.6g} < floor 1"]
+    assert too_high.problems == [f"outputs: output 'y': cosine {cos:.6g} < floor 0.9999999"]
     both = regress(cand, folder, floors={"min_cosine": 0.99}, rtol=1e-5)
     assert not both.passed  # explicit rtol/atol apply next to the floors
 

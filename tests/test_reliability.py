@@ -663,3 +663,38 @@ def test_quiet_keeps_onnxruntime_warnings_off_stderr(
     err = capfd.readouterr().err
     assert rc == 0
     assert "onnxruntime" not in err and "Removing initializer" not in err, err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_umask_not_mkstemps_0600(tmp_path: Path, umask: int) -> None:
+    """Models, reports, golden folders, engines and scripts are written like any other
+    tool's files: 0o666 (scripts, folders: 0o777) less the umask."""
+    from onnxslim_edge.engine import _save_engine
+    from onnxslim_edge.model import new_file_mode, write_text_atomic
+    from onnxslim_edge.regress import atomic_folder
+
+    def mode(p: Path) -> int:
+        return p.stat().st_mode & 0o777
+
+    src = save_model(_conv_bn(), tmp_path / "m.onnx")
+    old = os.umask(umask)
+    try:
+        assert new_file_mode() == 0o666 & ~umask
+        argv = ["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--pass", "cleanup"]
+        assert main([*argv, "--report", str(tmp_path / "r.json"), "-q"]) == 0
+        write_text_atomic(tmp_path / "t.txt", "x")
+
+        class FakeEngine:
+            def serialize(self) -> bytes:
+                return b"engine"
+
+        _save_engine(FakeEngine(), tmp_path / "m.engine")
+        with atomic_folder(tmp_path / "folder") as folder:
+            (folder / "a.sh").write_text("true")
+            (folder / "a.sh").chmod(new_file_mode(executable=True))
+    finally:
+        os.umask(old)
+    for name in ("o.onnx", "r.json", "t.txt", "m.engine"):
+        assert mode(tmp_path / name) == 0o666 & ~umask, name
+    assert mode(tmp_path / "folder") == 0o777 & ~umask
+    assert mode(tmp_path / "folder" / "a.sh") == 0o777 & ~umask

@@ -77,7 +77,10 @@ class NMResult:
 
     `fraction_groups_ok` is the share of groups of m along the reduction axis with at
     most n nonzeros (0.0 when the layer cannot be grouped); `reason` says why `ok` is
-    False, or names the pattern when it is True.
+    False, or names the pattern when it is True. `applicable` is False for a layer whose
+    shape can never hold the pattern (a reduction dim not divisible by m, such as a
+    first Conv's Cin of 1 or 3; depthwise or grouped convolutions): it runs dense by
+    design, which is not a violation.
     """
 
     node: str
@@ -86,6 +89,12 @@ class NMResult:
     reason: str
     fraction_groups_ok: float = 0.0
     groups: int = 0
+    applicable: bool = True
+
+    @property
+    def violation(self) -> bool:
+        """The layer could follow the pattern and does not (what `lint --nm` fails on)."""
+        return self.applicable and not self.ok
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,8 +104,10 @@ def check_nm(model: Any, n: int = 2, m: int = 4, *, ops: Sequence[str] = NM_OPS)
     """Check every Conv/Gemm/MatMul of `model` for the N:M pattern along its reduction axis.
 
     `model`: a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`. One result
-    per layer, in graph order, including layers that cannot qualify (not constant,
-    not divisible by m, depthwise ...) with the reason. Weights behind a
+    per layer, in graph order, including layers that cannot qualify with the reason:
+    not applicable (`applicable=False`) when their shape never can (not divisible by m,
+    depthwise, grouped), a violation when they could (e.g. a weight not yet folded to a
+    constant). Weights behind a
     DequantizeLinear of constants are checked on their dequantized values.
     """
     validate_pattern("check_nm", n, m, tuple(ops))
@@ -116,7 +127,7 @@ def check_nm(model: Any, n: int = 2, m: int = 4, *, ops: Sequence[str] = NM_OPS)
             continue
         reason = nm_qualifies(weight, m)
         if reason is not None:
-            results.append(NMResult(node.name, node.op, False, reason))
+            results.append(NMResult(node.name, node.op, False, reason, applicable=False))
             continue
         groups = reduction_groups(weight.values, weight.axis, m)
         nonzeros = np.count_nonzero(groups, axis=-1)
@@ -144,7 +155,13 @@ def format_nm_results(results: Sequence[NMResult], n: int = 2, m: int = 4) -> st
     """A plain-text table of `check_nm` results and a one-line verdict, for a terminal."""
     header = ("node", "op", "ok", "groups ok", "reason")
     rows = [
-        (r.node, r.op, "yes" if r.ok else "no", f"{r.fraction_groups_ok:.3f}", r.reason)
+        (
+            r.node,
+            r.op,
+            "yes" if r.ok else ("no" if r.applicable else "n/a"),
+            f"{r.fraction_groups_ok:.3f}" if r.applicable else "-",
+            r.reason if r.applicable else f"not applicable: {r.reason}",
+        )
         for r in results
     ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(4)]
@@ -154,5 +171,13 @@ def format_nm_results(results: Sequence[NMResult], n: int = 2, m: int = 4) -> st
         "  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows
     )
     ok = sum(r.ok for r in results)
-    lines.append(f"{ok} of {len(results)} layers follow {n}:{m} sparsity")
+    applicable = sum(r.applicable for r in results)
+    lines.append(
+        f"{ok} of {applicable} layers follow {n}:{m} sparsity"
+        + (
+            f"; {len(results) - applicable} not applicable (run dense)"
+            if applicable < len(results)
+            else ""
+        )
+    )
     return "\n".join(lines)

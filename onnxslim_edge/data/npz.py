@@ -211,8 +211,10 @@ def _check_headers(
     if specs is None:
         return
     by_name = {s.name: s for s in specs}
-    _check_names(origin, streams.keys(), specs)
+    ignored = _check_names(origin, streams.keys(), specs)
     for name, stream in streams.items():
+        if name in ignored:
+            continue
         spec = by_name[name]
         _check_shape(origin, name, stream.shape, spec, input_shapes)
         if spec.dtype is not None and (

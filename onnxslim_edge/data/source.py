@@ -220,7 +220,8 @@ class DataSource:
         """Check and cast `chunk` in place against the model; return its sample count."""
         specs = {s.name: s for s in self._specs} if self._specs is not None else None
         if specs is not None:
-            _check_names(origin, chunk.keys(), specs.values())
+            for name in _check_names(origin, chunk.keys(), specs.values()):
+                del chunk[name]  # not an input (e.g. a label): never fed to a model
         count: dict[str, int] = {}
         for name, arr in chunk.items():
             spec = specs.get(name) if specs is not None else None

@@ -10,6 +10,8 @@ nothing about files: `npz`, `images` and `synthetic` build on it, `source` batch
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +21,8 @@ import onnx
 from onnxslim_edge.errors import DataError
 
 __all__: list[str] = []  # package-internal; the public API is onnxslim_edge.data
+
+log = logging.getLogger("onnxslim_edge.data")
 
 Feed = dict[str, np.ndarray]
 InputShapes = Mapping[str, Sequence[int]]
@@ -181,20 +185,36 @@ def _feedable_or_optional(model: onnx.ModelProto) -> list[_InputSpec]:
     return specs
 
 
-def _check_names(origin: str, names: Iterable[str], specs: Iterable[_InputSpec]) -> None:
+def _check_names(origin: str, names: Iterable[str], specs: Iterable[_InputSpec]) -> list[str]:
+    """The arrays of `names` that are not inputs of the model (to be left out of feeds,
+    with a one-time note: a labelled test set such as the demo's `image` + `label` then
+    serves as calibration data). DataError when an input has no array: an extra array
+    is then named first, as it is likely the misnamed one."""
     names = list(names)
     specs = list(specs)
     known = {s.name for s in specs}
     extra = [n for n in names if n not in known]
-    if extra:
-        listed = ", ".join(s.name for s in specs if not s.optional)
+    listed = ", ".join(s.name for s in specs if not s.optional)
+    missing = [s.name for s in specs if not s.optional and s.name not in names]
+    if missing and extra:
         raise DataError(
             f"{origin}: array '{extra[0]}' is not an input of the model (inputs: {listed})"
         )
-    missing = [s.name for s in specs if not s.optional and s.name not in names]
     if missing:
         have = ", ".join(names) or "none"
         raise DataError(f"{origin}: no array for input '{missing[0]}' (arrays: {have})")
+    if extra:
+        _note_ignored(origin, tuple(extra), listed)
+    return extra
+
+
+@functools.cache
+def _note_ignored(origin: str, extra: tuple[str, ...], inputs: str) -> None:
+    """Say once per file (or feed origin) which arrays are left out."""
+    arrays = ", ".join(f"'{n}'" for n in extra)
+    log.warning(
+        "%s: ignoring array(s) %s: not inputs of the model (inputs: %s)", origin, arrays, inputs
+    )
 
 
 def _check_shape(

@@ -84,7 +84,43 @@ _MASKED_LAYERS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-    """Options of the `distill` pass (docs/distillation.md documents each default)."""
+    """Options of the `distill` pass (docs/distillation.md documents each default).
+
+    - `teacher`: the teacher model's path (None: the pipeline's input model).
+    - `data`: the training data's path (None: the Context's data, `--calib`).
+    - `labels`: an integer label array in the `data` .npz (adds cross-entropy).
+    - `epochs`: passes over the training split (> 0).
+    - `steps`: total optimizer steps instead of `epochs` (> 0; None: by epochs).
+    - `batch_size`: samples per step (> 0; a model that fixes its batch axis trains in
+      batches of that size).
+    - `lr`: the peak learning rate, after warm-up (> 0).
+    - `optimizer`: AdamW or SGD.
+    - `weight_decay`: AdamW's decoupled weight decay (>= 0).
+    - `warmup`: the fraction of the steps with a linear warm-up, in [0, 0.5].
+    - `schedule`: the learning rate after warm-up: cosine (to 0) or constant.
+    - `temperature`: the KD temperature T (> 0).
+    - `alpha`: the KD share of the loss when labels exist (CE gets 1 - alpha), in [0, 1].
+    - `losses`: `OUTPUT=kd|mse|cosine|none[:WEIGHT]` per output; unlisted float outputs
+      get kd for (N, classes) logits, mse otherwise.
+    - `features`: `STUDENT_TENSOR=TEACHER_TENSOR[:WEIGHT]` pairs with a relative-MSE loss.
+    - `frozen`: initializer or node names / regexes (full match) that do not train.
+    - `no_gradient`: before a node without gradient: stop with an error, or freeze the
+      weights feeding it.
+    - `keep_zeros`: exact zeros of layer weights stay zero (pruning masks).
+    - `holdout`: the fraction of the samples held out for scoring, in [0, 0.5] (at least
+      1 sample).
+    - `patience`: epochs without improvement before stopping (0: never stop early).
+    - `max_samples`: samples read into memory (> 0).
+    - `augment`: image augmentation: auto (on for one NCHW image input >= 32x32), on, off.
+    - `teacher_cache_mb`: cache the teacher's outputs up to this size (0: run the
+      teacher on every batch).
+    - `checkpoint_dir`: save state every epoch and on Ctrl-C, and resume from it.
+    - `engine`: the gradient engine; auto takes the first installed of
+      onnxruntime-training and onnx-ad.
+    - `threads`: intra-op threads of the training and scoring sessions (None: ONNX
+      Runtime's default).
+    - `seed`: the shuffling, split and augmentation seed (None: the Context's).
+    """
 
     teacher: str | None = None  # path; default: the pipeline's input model
     data: str | None = None  # training data path; default: the Context's (--calib)

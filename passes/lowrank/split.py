@@ -79,6 +79,7 @@ class LowRankConfig:
       im2col patches of at most 1152 = Cin * prod(k) values; not with auto_pad SAME),
       so those convs get the channel form; other convs, and with `form` spatial/tucker2
       all convs, keep the weight error.
+    - `max_samples`: the samples of `Context.data` that `data_aware` reads.
     - `resplit`: also split factor layers an earlier run wrote (`<name>.lowrank<i>`);
       by default they are left alone and budgets count what they already saved.
     - `verify_samples`: samples of the fidelity check before returning.

@@ -51,10 +51,11 @@ class PruneChannelsConfig:
     - `macs_reduction` / `params_reduction`: remove channels, least important first
       across all groups, until MACs / parameters shrank by this fraction.
     - `importance`: "l1" / "l2" (filter norm), "bn_gamma", "activation" (needs
-      Context.data); `aggregate` combines the scores of coupled layers.
+      Context.data).
+    - `aggregate`: how the scores of coupled layers combine into a channel's score.
     - `round_to`: channel counts stay multiples of this (None: the target's
-      `Target.round_to`, 8 for tensorrt, 16 for onnxruntime-cpu); `min_channels`: never
-      fewer per block.
+      `Target.round_to`, 8 for tensorrt, 16 for onnxruntime-cpu).
+    - `min_channels`: never fewer channels per block.
     - `mode`: "remove" slices the channels out; "zero" only masks them (same shapes).
     - `exclude_nodes`: node names whose groups stay untouched.
     - `max_samples`: calibration samples for importance="activation".

@@ -47,7 +47,32 @@ def parse_override(text: str) -> tuple[str, float]:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
-    """Options of the `quantize` pass (see docs/quantization.md)."""
+    """Options of the `quantize` pass (see docs/quantization.md).
+
+    - `method`: how activation ranges are calibrated: minmax, percentile, entropy
+      (TensorRT's KL search) or mse.
+    - `percentile`: the percentile of |x| kept by `method="percentile"`, in (0, 100].
+    - `per_channel`: one weight scale per output channel (false: one per tensor).
+    - `activation_dtype`: auto (int8 for tensorrt, uint8 for onnxruntime-cpu), int8 or uint8.
+    - `exclude_nodes`: node names or regexes (full match) left in float.
+    - `exclude_ops`: op types left in float (e.g. `Add`).
+    - `keep_first`: leave the first weight layer in float.
+    - `keep_last`: leave the last weight layer in float.
+    - `calibration_cache`: a JSON file of ranges: read when it exists (those tensors are
+      not calibrated again), then written with every range used.
+    - `overrides`: `tensor=amax` entries fixing a tensor's range (amax >= 0).
+    - `max_calibration_samples`: calibration samples read (None: all).
+    - `min_top1_agreement`: fidelity floor in [0, 1] for automatic float fallback; any
+      floor set replaces the guard's defaults.
+    - `min_sqnr_db`: fidelity floor, output SQNR in dB, for automatic float fallback.
+    - `min_cosine`: fidelity floor in [-1, 1] for automatic float fallback.
+    - `fallback_max_layers`: the most layers fallback may leave in float (>= 0).
+    - `consumer_ranges`: narrow a tensor's range to the part its consumers can tell apart.
+    - `fidelity_guard`: always measure the result; with no floor set, check cosine 0.95
+      and SQNR 10 dB (`DEFAULT_FLOORS`) and fall back or refuse below them.
+    - `guard_samples`: samples the floors are checked on (>= 1; held back from
+      calibration when the data has them).
+    """
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
     percentile: float = 99.99

@@ -64,7 +64,8 @@ class EqualizeConfig:
     - `tolerance`: a pair is rewritten only if some channel's scale differs from 1 by
       more than this (so a second run on an equalized model changes nothing).
     - `include_depthwise`: also equalize pairs where a layer is a depthwise Conv.
-    - `clip`: "exact", "relu" or "skip" (see the module docstring).
+    - `clip`: a Clip (ReLU6) between the layers: "exact" scales its bounds per channel
+      (exact), "relu" replaces Clip(0, hi) by Relu (lossy), "skip" leaves the chain alone.
     """
 
     iterations: int = 50

@@ -187,6 +187,12 @@ def test_layers_that_cannot_qualify_are_skipped_with_reason() -> None:
     assert [(r.node, r.ok, r.reason) for r in checked] == [
         (name, False, reason) for name, reason in reasons.items()
     ]
+    # shapes that can never hold 2:4 are not applicable; a weight not folded yet could
+    assert [r.node for r in checked if r.violation] == ["dynamic"]
+    assert [r.node for r in checked if not r.applicable] == ["cin6", "dw", "grouped", "k10"]
+    assert format_nm_results(checked).endswith(
+        "0 of 1 layers follow 2:4 sparsity; 4 not applicable (run dense)"
+    )
 
 
 def test_shared_weight_sparsified_once_and_other_readers_block_it() -> None:
