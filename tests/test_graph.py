@@ -245,3 +245,13 @@ def test_exposing_session_retries_when_ort_fuses_an_exposed_tensor_away(monkeypa
     with pytest.raises(UnsupportedError, match="implementation for Foo"):
         exposing_session(_model(), ["a"])
     assert levels == ["all"]
+    # a Q/DQ model starts at "extended" (ORT 1.19.2 returns None for such a tensor at "all")
+    qdq = _model()
+    qdq.graph.initializer.append(numpy_helper.from_array(np.array(0.1, np.float32), "sc"))
+    qdq.graph.node[3].output[0] = "a_f"
+    qdq.graph.node.insert(4, helper.make_node("QuantizeLinear", ["a_f", "sc"], ["a_q"]))
+    qdq.graph.node.insert(5, helper.make_node("DequantizeLinear", ["a_q", "sc"], ["a"]))
+    levels.clear()
+    session = exposing_session(qdq, ["a_f"])
+    assert levels == ["extended"]
+    assert [o.name for o in session.get_outputs()] == ["y", "a_f"]
