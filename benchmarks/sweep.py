@@ -10,7 +10,7 @@
   labels as a custom metric (a metrics_callback).
 - `efficientnet_lite0`: the benchmark's EfficientNet-Lite0 and data (benchmarks.specs:
   32 augmented photos calibrate, 56 others evaluate) over `EFFICIENTNET_SPACE` (8 trials:
-  pruning off or 10 % of the MACs at round_to 16 x minmax / percentile x fallback floor
+  pruning off or 10 % of the MACs (activation importance, round_to 16) x minmax / percentile x fallback floor
   0.9 / 0.95).
 
 Each worker count runs in a fresh folder (nothing resumed); the wall time of each
@@ -59,6 +59,7 @@ name = "cleanup"
 name = "prune-channels"
 enabled = [false, true]
 macs_reduction = 0.1
+importance = "activation"
 round_to = 16
 
 [[pass]]
