@@ -13,7 +13,8 @@
   against the input model on `eval_data` (`verify.compare`), plus a `metrics_callback`'s
   metrics. `metrics.json` is written last; a folder that has it is finished and a later
   call skips it (resume). A trial that fails writes `status = "failed"` and the reason,
-  and the sweep goes on.
+  and the sweep goes on; one whose Ray worker died (a crash, Ray's out-of-memory killer,
+  which watches the whole machine's memory) is marked `retry` and runs again next call.
 - Latency (when an objective or a constraint names it) is timed in a second task, side
   by side with the input model (`timing.measure_latency`, batch 1, one thread). Those
   tasks need the custom Ray resource `latency_slot`, of which the local cluster has one,
@@ -291,8 +292,13 @@ class _Executor:
             trial, kind = running.pop(done[0])
             try:
                 result = self.ray.get(done[0])
-            except Exception as exc:  # the worker died (a crash, out of memory)
-                result = {"status": "failed", "reason": first_line(exc), "error": "RayError"}
+            except Exception as exc:  # the worker died (a crash, Ray's out-of-memory killer)
+                result = {
+                    "status": "failed",
+                    "reason": first_line(exc),
+                    "error": type(exc).__name__,
+                    "retry": True,  # not the recipe's fault: the next call runs it again
+                }
             if kind == "trial":
                 trial.metrics = result
                 if trial.ok and self.latency_runs:
@@ -305,9 +311,10 @@ class _Executor:
                     running[ref] = (trial, "latency")
                     continue
             elif result.get("status") == "failed":
-                trial.metrics.update(
-                    status="failed", reason=f"latency: {result['reason']}", error=result["error"]
-                )
+                trial.metrics = {
+                    **{k: v for k, v in result.items() if k != "reason"},
+                    "reason": f"latency: {result['reason']}",
+                }
             else:
                 trial.metrics.update(result)
             self.on_done(trial)
@@ -351,6 +358,9 @@ def _load_finished(trial: Trial) -> bool:
         trial.metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # a damaged file: run the trial again
+    if not isinstance(trial.metrics, dict) or trial.metrics.get("retry"):
+        trial.metrics = {}
+        return False  # its worker died: run it again
     trial.resumed = True
     return True
 
