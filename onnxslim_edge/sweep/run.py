@@ -340,6 +340,13 @@ def _data_key(spec: Any) -> Any:
     return str(spec) if isinstance(spec, (str, os.PathLike)) else repr(type(spec))
 
 
+def _for_workers(spec: Any) -> Any:
+    """A data spec as Ray's workers (in another folder) must get it: paths made absolute."""
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).exists():
+        return str(Path(spec).resolve())
+    return spec
+
+
 def _check_data(spec: Any, model: Any, flag: str) -> None:
     from onnxslim_edge.data import open_data
 
@@ -444,15 +451,11 @@ def run_sweep(
     settings = {
         "space": space,
         "model_path": str(model_path.resolve()),
-        "calib": str(Path(data).resolve()) if isinstance(data, (str, os.PathLike)) else data,
-        "eval_data": str(Path(eval_data).resolve())
-        if isinstance(eval_data, (str, os.PathLike))
-        else eval_data,
+        "calib": _for_workers(data),
+        "eval_data": _for_workers(eval_data),
         "seed": seed,
         "metrics_callback": metrics_callback,
     }
-    if isinstance(data, str) and data == "random":
-        settings["calib"] = "random"
 
     def make_trial(point: Mapping[str, Any]) -> Trial:
         recipe = space.recipe(point)
