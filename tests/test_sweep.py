@@ -276,37 +276,57 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(
 ) -> None:
     labels = np.load(digits["labels"])
     images = np.load(digits["eval"])["image"]
+    crash = tmp_path / "crash"
+    crash.touch()
 
     def accuracy(candidate: object, original: object) -> dict[str, float]:
+        import os
+
         from onnxslim_edge.runtime import make_session
 
+        if crash.exists():
+            os._exit(3)  # the worker dies, as under Ray's out-of-memory killer
         scores = make_session(candidate).run(None, {"image": images})[0]
         return {"accuracy": float(np.mean(np.argmax(scores, axis=1) == labels))}
 
     space = load_space(FAILING.replace("cache.json", str(tmp_path / "cache.json"), 1))
-    result = run_sweep(
-        digits["model"],
-        space,
-        data=digits["calib"],
-        eval_data=digits["eval"],
-        out=tmp_path / "sweep",
-        workers=2,
-        metrics_callback=accuracy,
-    )
-    assert _ray_children() == []
-    assert result.ran == 2
-    ok = [t for t in result.trials if t.ok]
-    failed = [t for t in result.trials if not t.ok]
-    assert len(ok) == 1 and len(failed) == 1
-    record = json.loads((failed[0].folder / "metrics.json").read_text())
-    assert record["status"] == "failed"
-    assert "/no/such/folder" in record["reason"] and record["error"] == "ConfigError"
-    assert (failed[0].folder / "recipe.toml").is_file()
-    # The callback's metric is in metrics.json and decides the constraint.
-    assert 0.5 < ok[0].metrics["accuracy"] <= 1.0
-    assert result.best is not None and result.best.id == ok[0].id
+
+    def sweep() -> object:
+        result = run_sweep(
+            digits["model"],
+            space,
+            data=digits["calib"],
+            eval_data=digits["eval"],
+            out=tmp_path / "sweep",
+            workers=2,
+            metrics_callback=accuracy,
+        )
+        assert _ray_children() == []
+        return result
+
+    first = sweep()
+    assert first.ran == 2 and not any(t.ok for t in first.trials)
+    by_error = {t.metrics["error"]: t for t in first.trials}
+    bad = by_error["ConfigError"]  # the recipe's fault: recorded for good
+    record = json.loads((bad.folder / "metrics.json").read_text())
+    assert record["status"] == "failed" and "retry" not in record
+    assert "/no/such/folder" in record["reason"]
+    assert (bad.folder / "recipe.toml").is_file()
+    (died,) = (t for t in first.trials if t is not bad)
+    record = json.loads((died.folder / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["retry"] is True
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "failed: " in table and "/no/such/folder" in table
+    assert first.best is None and not (tmp_path / "sweep" / "best.toml").exists()
+
+    crash.unlink()
+    again = sweep()  # the worker that died runs again; the recipe that failed does not
+    assert again.ran == 1 and again.resumed == 1
+    ok = next(t for t in again.trials if t.ok)
+    assert ok.id == died.id
+    # The callback's metric is in metrics.json and decides the constraint.
+    assert 0.5 < ok.metrics["accuracy"] <= 1.0
+    assert again.best is not None and again.best.id == ok.id
 
 
 OPTUNA = """

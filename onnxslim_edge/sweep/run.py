@@ -13,7 +13,8 @@
   against the input model on `eval_data` (`verify.compare`), plus a `metrics_callback`'s
   metrics. `metrics.json` is written last; a folder that has it is finished and a later
   call skips it (resume). A trial that fails writes `status = "failed"` and the reason,
-  and the sweep goes on.
+  and the sweep goes on; one whose Ray worker died (a crash, Ray's out-of-memory killer,
+  which watches the whole machine's memory) is marked `retry` and runs again next call.
 - Latency (when an objective or a constraint names it) is timed in a second task, side
   by side with the input model (`timing.measure_latency`, batch 1, one thread). Those
   tasks need the custom Ray resource `latency_slot`, of which the local cluster has one,
@@ -291,8 +292,13 @@ class _Executor:
             trial, kind = running.pop(done[0])
             try:
                 result = self.ray.get(done[0])
-            except Exception as exc:  # the worker died (a crash, out of memory)
-                result = {"status": "failed", "reason": first_line(exc), "error": "RayError"}
+            except Exception as exc:  # the worker died (a crash, Ray's out-of-memory killer)
+                result = {
+                    "status": "failed",
+                    "reason": first_line(exc),
+                    "error": type(exc).__name__,
+                    "retry": True,  # not the recipe's fault: the next call runs it again
+                }
             if kind == "trial":
                 trial.metrics = result
                 if trial.ok and self.latency_runs:
@@ -305,9 +311,10 @@ class _Executor:
                     running[ref] = (trial, "latency")
                     continue
             elif result.get("status") == "failed":
-                trial.metrics.update(
-                    status="failed", reason=f"latency: {result['reason']}", error=result["error"]
-                )
+                trial.metrics = {
+                    **{k: v for k, v in result.items() if k != "reason"},
+                    "reason": f"latency: {result['reason']}",
+                }
             else:
                 trial.metrics.update(result)
             self.on_done(trial)
@@ -333,6 +340,13 @@ def _data_key(spec: Any) -> Any:
     return str(spec) if isinstance(spec, (str, os.PathLike)) else repr(type(spec))
 
 
+def _for_workers(spec: Any) -> Any:
+    """A data spec as Ray's workers (in another folder) must get it: paths made absolute."""
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).exists():
+        return str(Path(spec).resolve())
+    return spec
+
+
 def _check_data(spec: Any, model: Any, flag: str) -> None:
     from onnxslim_edge.data import open_data
 
@@ -351,6 +365,9 @@ def _load_finished(trial: Trial) -> bool:
         trial.metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # a damaged file: run the trial again
+    if not isinstance(trial.metrics, dict) or trial.metrics.get("retry"):
+        trial.metrics = {}
+        return False  # its worker died: run it again
     trial.resumed = True
     return True
 
@@ -434,15 +451,11 @@ def run_sweep(
     settings = {
         "space": space,
         "model_path": str(model_path.resolve()),
-        "calib": str(Path(data).resolve()) if isinstance(data, (str, os.PathLike)) else data,
-        "eval_data": str(Path(eval_data).resolve())
-        if isinstance(eval_data, (str, os.PathLike))
-        else eval_data,
+        "calib": _for_workers(data),
+        "eval_data": _for_workers(eval_data),
         "seed": seed,
         "metrics_callback": metrics_callback,
     }
-    if isinstance(data, str) and data == "random":
-        settings["calib"] = "random"
 
     def make_trial(point: Mapping[str, Any]) -> Trial:
         recipe = space.recipe(point)
