@@ -31,7 +31,8 @@ def shipped_recipes() -> dict[str, Path]:
     from importlib.resources import files
 
     folder = Path(str(files("onnxslim_edge") / "recipes"))
-    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+    # (`*.space.toml` are sweep search spaces, not recipes)
+    return {p.stem: p for p in sorted(folder.glob("*.toml")) if not p.stem.endswith(".space")}
 
 
 def _recipe_file(source: str | os.PathLike) -> Path:

@@ -372,11 +372,18 @@ def test_optuna_with_a_seed_gives_the_same_trials(digits: dict[str, Path], tmp_p
     assert other.ran == 2 and [t.point for t in other.trials] != points[:2]
 
 
-def _ray_daemons() -> set[int]:
+def _ray_daemons(folder: Path | None = None) -> set[int]:
+    """Ray's daemons; with `folder`, only those started from inside it (local Ray starts
+    from the sweep's output folder: other Ray users on the machine do not count)."""
     pids = set()
     for proc in psutil.process_iter(["name"]):
         if any(d in (proc.info["name"] or "") for d in RAY_DAEMONS):
-            pids.add(proc.pid)
+            try:
+                cwd = Path(proc.cwd())
+            except (psutil.Error, OSError):
+                continue
+            if folder is None or cwd == folder or folder in cwd.parents:
+                pids.add(proc.pid)
     return pids
 
 
@@ -390,7 +397,6 @@ def test_cli_from_the_repository_root_with_the_shipped_space(digits: dict[str, P
     exe = shutil.which("onnxslim-edge", path=str(Path(sys.executable).parent))
     assert exe is not None
     out = digits["folder"] / "cli"
-    before = _ray_daemons()
     argv = [exe, "sweep", str(digits["model"]), "--space", "edge", "--data", str(digits["calib"])]
     argv += ["--eval", str(digits["eval"]), "-o", str(out), "--workers", "2"]
     proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
@@ -401,7 +407,7 @@ def test_cli_from_the_repository_root_with_the_shipped_space(digits: dict[str, P
     summary = json.loads((out / "results.json").read_text())
     assert all(r["status"] == "ok" for r in summary["rows"])  # workers imported the install
     assert summary["best"] is not None and (out / "best.toml").is_file()
-    assert _ray_daemons() - before == set()  # the CLI's Ray is gone with it
+    assert _ray_daemons(out.resolve()) == set()  # the CLI's Ray is gone with it
     again = subprocess.run([*argv, "-q"], cwd=root, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout == ""
     assert json.loads((out / "results.json").read_text())["ran"] == 0
