@@ -379,7 +379,8 @@ class _Stubs:
 
     def __call__(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
         external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if not external and tensor.ByteSize() < self.threshold:
+        # (by dims: protobuf cannot size a tensor over 2 GB, it serializes to count)
+        if not external and _declared_bytes(tensor) < self.threshold:
             return tensor
         stub = self.make(tensor.name, tensor.data_type, tensor.dims, _declared_bytes(tensor))
         stub.doc_string = tensor.doc_string
@@ -646,7 +647,7 @@ class _Externalizer(_Stubs):
     def __call__(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
         if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
             return tensor  # data elsewhere already, or typed fields (kept in the model)
-        if tensor.ByteSize() < self.threshold:
+        if _declared_bytes(tensor) < self.threshold:
             return tensor
         raw = tensor.raw_data  # one tensor's bytes, freed when written
         self.end = self.data.tell()
