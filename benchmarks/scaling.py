@@ -14,6 +14,9 @@ resident set (VmHWM) against the model's size:
 - `transformer`: x (1, 16, D) -> L blocks of LayerNorm, single-head attention
   (Q, K, V, output projections), residual Add, LayerNorm, a 4x MLP with bias and Relu,
   an Identity, residual Add.
+- `table`: one embedding table (rows x 1024 float32) read by Gather(x: 16 indices) ->
+  Identity -> Relu: a single initializer of the whole size (past 2 GB, the case
+  protobuf cannot serialize).
 
 Sizes follow the ladder 1, 8, 64, 256, 1024 MB up to `--max-gb`, plus `--max-gb` itself
 when it is above the last rung. Results merge into `<out>/scaling.json` (keyed by family
@@ -52,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("mlp", "transformer")
+FAMILIES = ("mlp", "transformer", "table")
 _LADDER_MB = (1, 8, 64, 256, 1024)
 _SEQ = 16
 _DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -73,6 +76,62 @@ def _dim(family: str, target: int) -> int:
     return 128 if target < (16 << 20) else 512 if target < (512 << 20) else 1024
 
 
+_TABLE_DIM = 1024
+
+
+def _build_table(path: Path, target_bytes: int, seed: int) -> dict[str, Any]:
+    """One embedding table of about `target_bytes` (float32, `_TABLE_DIM` wide) read by
+    a Gather of 16 indices, then Identity and Relu: the single-initializer case. Over
+    protobuf's 2 GB limit the table goes straight to external data, written in slices
+    (no message could hold it for `save_model`)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxslim_edge.model import PROTOBUF_LIMIT, save_model
+
+    rows = max(16, target_bytes // (4 * _TABLE_DIM))
+    rng = np.random.default_rng(seed)
+    external = rows * _TABLE_DIM * 4 >= PROTOBUF_LIMIT
+    if external:
+        data = path.with_name(path.name + ".data")
+        with open(data, "wb") as f:
+            for start in range(0, rows, 1 << 16):
+                n = min(1 << 16, rows - start)
+                f.write(rng.standard_normal((n, _TABLE_DIM), dtype=np.float32).tobytes())
+        table = TensorProto(name="table", data_type=TensorProto.FLOAT, dims=[rows, _TABLE_DIM])
+        table.data_location = TensorProto.EXTERNAL
+        for key, value in (
+            ("location", data.name),
+            ("offset", 0),
+            ("length", rows * _TABLE_DIM * 4),
+        ):
+            entry = table.external_data.add()
+            entry.key, entry.value = key, str(value)
+    else:
+        values = rng.standard_normal((rows, _TABLE_DIM), dtype=np.float32)
+        table = numpy_helper.from_array(values, "table")
+    nodes = [
+        helper.make_node("Gather", ["table", "x"], ["rows"], name="gather", axis=0),
+        helper.make_node("Identity", ["rows"], ["rows_id"], name="id"),
+        helper.make_node("Relu", ["rows_id"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "synthetic_table",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, _TABLE_DIM])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.producer_name = "benchmarks.scaling"
+    if external:
+        model.ir_version = 8
+        path.write_bytes(model.SerializeToString())
+    else:
+        save_model(model, path)
+    return {"dim": _TABLE_DIM, "layers": 1, "nodes": len(nodes), "external_data": external}
+
+
 def build_stack(
     path: Path, family: str, target_bytes: int, calibration: Any = None, *, seed: int = 0
 ) -> dict[str, Any]:
@@ -85,6 +144,8 @@ def build_stack(
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    if family == "table":
+        return _build_table(Path(path), target_bytes, seed)
     rng = np.random.default_rng(seed)
     d = _dim(family, target_bytes)
     nodes: list[onnx.NodeProto] = []

@@ -75,10 +75,8 @@ def graph_from_model(model: onnx.ModelProto) -> Any:
 def model_from_graph(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export a gs.Graph after `cleanup().toposort()`, keeping `like`'s model-level
     metadata, with the lowest IR version it needs (never above `like`'s unless needed)."""
-    import onnx_graphsurgeon as gs
-
     try:
-        model = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
+        model = _export(graph.cleanup().toposort())
     except Exception as exc:  # e.g. optional/sequence types: UnboundLocalError inside gs
         raise UnsupportedError(
             f"onnx-graphsurgeon cannot export the graph: {first_line(exc)}"
@@ -98,9 +96,58 @@ def export_graph(graph: Any) -> onnx.ModelProto:
     (`clamp_ir`). The graph is not changed (onnx-graphsurgeon's export only reads it);
     initializers loaded lazily may share their TensorProto with the imported model, so
     do not edit the result's initializers in place."""
+    return clamp_ir(_export(graph))
+
+
+def _export(graph: Any) -> onnx.ModelProto:
+    """`gs.export_onnx`, also for constants over protobuf's 2 GB message limit: onnx's
+    `make_graph` copies each initializer into the graph by serializing it, which fails
+    for those. They are exported as data-less stand-ins, then given their bytes in
+    place in the exported model (protobuf holds a field over 2 GB in memory; it only
+    cannot serialize it)."""
     import onnx_graphsurgeon as gs
 
-    return clamp_ir(gs.export_onnx(graph, do_type_check=False))
+    from onnxslim_edge.model import PROTOBUF_LIMIT, stand_ins
+
+    stub = stand_ins()
+    swapped: dict[str, tuple[Any, Any]] = {}
+    try:
+        for tensor in graph.tensors().values():
+            if not isinstance(tensor, gs.Constant):
+                continue
+            values = tensor._values
+            lazy = isinstance(values, gs.ir.tensor.LazyValues)
+            nbytes = values.nbytes if lazy else getattr(values, "nbytes", 0)
+            if nbytes < PROTOBUF_LIMIT:
+                continue
+            if lazy:
+                data_type = values.tensor.data_type
+            else:
+                data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(values.dtype))
+            proto = stub.make(tensor.name, data_type, list(values.shape), int(nbytes))
+            swapped[tensor.name] = (tensor, values)
+            tensor._values = gs.ir.tensor.LazyValues(proto)
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in swapped.values():
+            tensor._values = values
+    for init in model.graph.initializer if swapped else ():
+        if init.name not in swapped:
+            continue
+        values = swapped[init.name][1]
+        del init.external_data[:]
+        init.ClearField("data_location")
+        if isinstance(values, gs.ir.tensor.LazyValues):
+            source = values.tensor
+            if source.data_location == onnx.TensorProto.EXTERNAL:
+                raise UnsupportedError(f"tensor '{init.name}': external data not loaded")
+            if source.HasField("raw_data"):
+                init.raw_data = source.raw_data  # one copy of the bytes, as for any export
+            else:  # typed fields (float_data, ...): as raw bytes
+                init.raw_data = np.ascontiguousarray(values.load()).tobytes()
+        else:
+            init.raw_data = np.ascontiguousarray(values).tobytes()
+    return model
 
 
 def export_skeleton(graph: Any) -> onnx.ModelProto:

@@ -380,7 +380,8 @@ class _Stubs:
 
     def __call__(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
         external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if not external and tensor.ByteSize() < self.threshold:
+        # (by dims: protobuf cannot size a tensor over 2 GB, it serializes to count)
+        if not external and _declared_bytes(tensor) < self.threshold:
             return tensor
         stub = self.make(tensor.name, tensor.data_type, tensor.dims, _declared_bytes(tensor))
         stub.doc_string = tensor.doc_string
@@ -608,15 +609,54 @@ def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
     rest = onnx.GraphProto()
     _copy_fields(model.graph, rest, skip="initializer")
     rest_bytes = rest.SerializeToString()
-    sizes = [t.ByteSize() for t in model.graph.initializer]
+    parts = [_tensor_parts(t) for t in model.graph.initializer]
+    sizes = [
+        len(header) + (0 if raw is None else len(_field(_RAW_FIELD, raw)) + raw)
+        for header, raw in parts
+    ]
     graph_len = len(rest_bytes) + sum(len(_field(init_field, n)) + n for n in sizes)
     with open(path, "wb") as out:
         out.write(head.SerializeToString())
         out.write(_field(graph_field, graph_len))
         out.write(rest_bytes)
-        for tensor, size in zip(model.graph.initializer, sizes):
+        for tensor, size, (header, raw) in zip(model.graph.initializer, sizes, parts):
             out.write(_field(init_field, size))
-            out.write(tensor.SerializeToString())
+            out.write(header)
+            if raw is not None:
+                data = tensor.raw_data  # the one copy of this tensor's bytes
+                if len(data) != raw:  # dims and bytes disagree: the size written is wrong
+                    raise InvalidModelError(
+                        f"tensor '{tensor.name}': {len(data)} bytes of data for {raw} by its dims"
+                    )
+                out.write(_field(_RAW_FIELD, raw))
+                out.write(data)
+                del data
+
+
+_RAW_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+#: Types whose raw bytes are not dims x numpy itemsize (packed 4-bit, strings).
+_UNSPLIT_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+)
+
+
+def _tensor_parts(tensor: onnx.TensorProto) -> tuple[bytes, int | None]:
+    """(the tensor serialized without its raw data, that data's length by dims), or the
+    whole tensor and None when it has no raw data of a fixed-size type: written apart,
+    the bytes are copied once (serializing a tensor holds them twice, sizing it once)."""
+    if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return tensor.SerializeToString(), None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return tensor.SerializeToString(), None
+    if tensor.data_type in _UNSPLIT_TYPES or itemsize == 0:
+        return tensor.SerializeToString(), None
+    header = onnx.TensorProto()
+    _copy_fields(tensor, header, skip="raw_data")
+    return header.SerializeToString(), _declared_bytes(tensor)
 
 
 #: Tensors at least this large go to the external data file.
@@ -647,7 +687,7 @@ class _Externalizer(_Stubs):
     def __call__(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
         if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
             return tensor  # data elsewhere already, or typed fields (kept in the model)
-        if tensor.ByteSize() < self.threshold:
+        if _declared_bytes(tensor) < self.threshold:
             return tensor
         raw = tensor.raw_data  # one tensor's bytes, freed when written
         self.end = self.data.tell()

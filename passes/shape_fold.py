@@ -24,6 +24,7 @@ further (Expand, ConstantOfShape ...) by the clean-up's constant folding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +147,10 @@ class _Evaluator:
         return self.memo[key]
 
     def _compute(self, tensor: Any) -> _Value | None:
+        if isinstance(tensor, gs.Constant):  # by its shape first: never load a weight here
+            shape = tuple(tensor.shape or ())
+            if len(shape) > 1 or math.prod(int(d) for d in shape) > _MAX_ELEMENTS:
+                return None
         const = const_value(tensor)
         if const is not None:
             if const.dtype not in _INT_DTYPES or const.ndim > 1 or const.size > _MAX_ELEMENTS:

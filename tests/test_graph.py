@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnx.shape_inference
 import onnx_graphsurgeon as gs
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_edge.graph import (
@@ -255,3 +256,36 @@ def test_exposing_session_retries_when_ort_fuses_an_exposed_tensor_away(monkeypa
     session = exposing_session(qdq, ["a_f"])
     assert levels == ["extended"]
     assert [o.name for o in session.get_outputs()] == ["y", "a_f"]
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_export_of_constants_over_the_protobuf_limit(monkeypatch, lazy: bool) -> None:
+    """onnx's make_graph serializes each initializer to copy it, which fails past 2 GB:
+    such constants are exported as stand-ins and given their bytes in place. Checked
+    with the limit lowered to 1 KiB (a real 2 GB tensor is benchmarks' work)."""
+    import onnxslim_edge.model as model_mod
+
+    model = _measured_matmul_model()
+    graph = gs.import_onnx(model)
+    if not lazy:
+        w = graph.tensors()["w"]
+        w.values = np.array(w.values)  # a numpy array, as after a pass rewrote it
+    expected = export_graph(graph).SerializeToString()
+    monkeypatch.setattr(model_mod, "PROTOBUF_LIMIT", 1024)
+    seen = []
+    real = gs.export_onnx
+
+    def spy(g, **kwargs):
+        values = g.tensors()["w"]._values
+        seen.append(getattr(getattr(values, "tensor", None), "data_location", None))
+        return real(g, **kwargs)
+
+    monkeypatch.setattr(gs, "export_onnx", spy)
+    exported = export_graph(graph)
+    assert seen == [TensorProto.EXTERNAL]  # exported as a stand-in
+    assert exported.SerializeToString() == expected
+    assert graph.tensors()["w"]._values is not None  # the graph keeps its values
+    by_name = {t.name: t for t in exported.graph.initializer}
+    assert not by_name["w"].external_data and by_name["w"].data_location == 0
+    clean = model_from_graph(gs.import_onnx(model), model)
+    assert {t.name for t in clean.graph.initializer} >= {"w"}

@@ -230,6 +230,46 @@ def test_large_models_are_written_tensor_by_tensor(
     np.testing.assert_array_equal(_run(path, x), _run(model, x))
 
 
+def test_streamed_writer_keeps_every_kind_of_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw bytes written apart from their tensor's header, typed fields, strings and
+    empty tensors: the file parses to the same model."""
+    import onnxslim_edge.model as model_mod
+
+    model = _gemm_model(64, 32)
+    extra = [
+        helper.make_tensor("typed", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),  # float_data
+        helper.make_tensor("words", TensorProto.STRING, [2], [b"a", b"bc"]),
+        numpy_helper.from_array(np.zeros((0, 4), np.float32), "empty"),
+        numpy_helper.from_array(np.arange(5, dtype=np.int64), "ints"),
+        numpy_helper.from_array(np.array([True, False]), "flags"),
+        helper.make_tensor("nibbles", TensorProto.INT4, [3], [1, -2, 3]),
+        helper.make_tensor("packed", TensorProto.INT4, [3], b"\xe1\x03", raw=True),  # 2 bytes
+    ]
+    extra[3].doc_string = "kept"
+    model.graph.initializer.extend(extra)
+    monkeypatch.setattr(model_mod, "STREAM_THRESHOLD", 0)
+    path = save_model(model, tmp_path / "m.onnx")
+    loaded = onnx.load(str(path))
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    expected.ir_version = loaded.ir_version
+    assert loaded.SerializeToString() == expected.SerializeToString()
+
+
+def test_streamed_writer_refuses_data_that_disagrees_with_the_dims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxslim_edge.model as model_mod
+
+    model = _gemm_model(64, 32)
+    model.graph.initializer[0].raw_data = b"\0" * 12  # dims say 32 x 64 floats
+    monkeypatch.setattr(model_mod, "STREAM_THRESHOLD", 0)
+    with pytest.raises(InvalidModelError, match="12 bytes of data"):
+        model_mod._write_streamed(model, tmp_path / "m.onnx")
+
+
 def _big_model(n: int = 6, size: int = 64) -> onnx.ModelProto:
     """A chain of MatMuls with weights big enough to be streamed field by field."""
     rng = np.random.default_rng(1)

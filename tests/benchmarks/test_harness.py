@@ -288,8 +288,27 @@ def test_synthetic_stack_runs_and_matches_numpy_size(tmp_path: Path, family: str
     weights = sum(math.prod(t.dims) for t in model.graph.initializer)
     assert abs(weights * 4 - (1 << 20)) < 0.6 * (1 << 20)
     assert info["nodes"] == len(model.graph.node) and not info["external_data"]
-    x = np.random.default_rng(0).standard_normal(
-        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], dtype=np.float32
-    )
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    if family == "table":  # indices into the table
+        x = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+        (y,) = make_session(model).run(None, {"x": x})
+        assert y.shape == (*shape, 1024) and (y >= 0).all()
+        return
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     (y,) = make_session(model).run(None, {"x": x})
     assert y.shape == x.shape and np.isfinite(y).all()
+
+
+def test_table_over_the_protobuf_limit_is_written_as_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+
+    import onnxslim_edge.model as model_mod
+    from onnxslim_edge.model import load_model
+
+    monkeypatch.setattr(model_mod, "PROTOBUF_LIMIT", 1 << 20)  # 2 GB's path at 4 MB
+    info = scaling.build_stack(tmp_path / "m.onnx", "table", 4 << 20)
+    assert info["external_data"] and (tmp_path / "m.onnx.data").stat().st_size == 4 << 20
+    model = load_model(tmp_path / "m.onnx")
+    assert onnx.numpy_helper.to_array(model.graph.initializer[0]).shape == (1024, 1024)
