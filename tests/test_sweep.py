@@ -405,3 +405,54 @@ def test_cli_from_the_repository_root_with_the_shipped_space(digits: dict[str, P
     again = subprocess.run([*argv, "-q"], cwd=root, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout == ""
     assert json.loads((out / "results.json").read_text())["ran"] == 0
+
+
+_HEAD = """
+import sys, ray
+ctx = ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+               object_store_memory=100 * 2**20)
+print(ctx.address_info["gcs_address"], flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+def test_address_runs_on_an_existing_cluster(
+    digits: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray started elsewhere (here: another process, without a latency_slot)."""
+    import os
+    import subprocess
+    import sys
+
+    from onnxslim_edge.errors import ConfigError
+
+    # Ray's token authentication keeps a driver's own local cluster to itself.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    before = _ray_daemons()
+    head = subprocess.Popen(
+        [sys.executable, "-c", _HEAD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the head process did not start Ray"
+        kwargs = {"data": digits["calib"], "eval_data": digits["eval"], "address": address}
+        timed = GRID  # asks for latency: the cluster has no latency_slot
+        with pytest.raises(ConfigError, match="no 'latency_slot' resource"):
+            run_sweep(digits["model"], timed, out=tmp_path / "timed", **kwargs)
+        assert not (tmp_path / "timed").exists()
+        untimed = 'target = "onnxruntime-cpu"\n[[pass]]\nname = "quantize"\nmethod = ["minmax"]\n'
+        result = run_sweep(digits["model"], untimed, out=tmp_path / "ok", **kwargs)
+        assert result.ran == 1 and result.trials[0].ok
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+    assert _ray_children() == []
+    assert _ray_daemons() - before == set()  # the cluster's own processes went with it
