@@ -417,19 +417,34 @@ ray.shutdown()
 """
 
 
-def test_address_runs_on_an_existing_cluster(
-    digits: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A Ray started elsewhere (here: another process, without a latency_slot)."""
+_DRIVER = """
+import json, sys
+from onnxslim_edge.errors import ConfigError
+from onnxslim_edge.sweep import run_sweep
+
+address, model, calib, evaluation, out, timed, untimed = sys.argv[1:]
+kwargs = {"data": calib, "eval_data": evaluation, "address": address}
+try:
+    run_sweep(model, timed, out=out + "/timed", **kwargs)
+    refused = None
+except ConfigError as exc:
+    refused = str(exc)
+result = run_sweep(model, untimed, out=out + "/ok", **kwargs)
+print(json.dumps({"refused": refused, "ran": result.ran, "ok": [t.ok for t in result.trials]}))
+"""
+
+
+def test_address_runs_on_an_existing_cluster(digits: dict[str, Path], tmp_path: Path) -> None:
+    """A Ray started by another process (without a latency_slot), used through address.
+
+    Both ends run in child processes with Ray's token authentication off (it keeps a
+    driver's own local cluster to itself): Ray reads that setting once per process.
+    """
     import os
     import subprocess
     import sys
 
-    from onnxslim_edge.errors import ConfigError
-
-    # Ray's token authentication keeps a driver's own local cluster to itself.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     before = _ray_daemons()
     head = subprocess.Popen(
         [sys.executable, "-c", _HEAD],
@@ -443,16 +458,23 @@ def test_address_runs_on_an_existing_cluster(
     try:
         address = head.stdout.readline().strip()
         assert address, "the head process did not start Ray"
-        kwargs = {"data": digits["calib"], "eval_data": digits["eval"], "address": address}
-        timed = GRID  # asks for latency: the cluster has no latency_slot
-        with pytest.raises(ConfigError, match="no 'latency_slot' resource"):
-            run_sweep(digits["model"], timed, out=tmp_path / "timed", **kwargs)
-        assert not (tmp_path / "timed").exists()
         untimed = 'target = "onnxruntime-cpu"\n[[pass]]\nname = "quantize"\nmethod = ["minmax"]\n'
-        result = run_sweep(digits["model"], untimed, out=tmp_path / "ok", **kwargs)
-        assert result.ran == 1 and result.trials[0].ok
+        argv = [address, digits["model"], digits["calib"], digits["eval"], tmp_path, GRID, untimed]
+        proc = subprocess.run(
+            [sys.executable, "-c", _DRIVER, *map(str, argv)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
         head.stdin.close()
         head.wait(timeout=60)
-    assert _ray_children() == []
+    # GRID asks for latency, which needs a latency_slot: refused, and no folder left.
+    assert "no 'latency_slot' resource" in report["refused"]
+    assert not (tmp_path / "timed").exists()
+    assert report["ran"] == 1 and report["ok"] == [True]
     assert _ray_daemons() - before == set()  # the cluster's own processes went with it

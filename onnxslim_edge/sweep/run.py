@@ -243,15 +243,7 @@ def _ray_session(workers: int | None, address: str | None, folder: Path) -> Iter
     try:
         os.chdir(folder)
         try:
-            try:
-                ray.init(**kwargs)
-            except RuntimeError as exc:  # "Failed to start the GCS ...": a loaded machine
-                if address:
-                    raise
-                log.warning("local Ray did not start (%s); trying once more", first_line(exc))
-                ray.shutdown()
-                time.sleep(2)
-                ray.init(**kwargs)
+            ray.init(**kwargs)
         finally:
             os.chdir(cwd)
     except ConnectionError as exc:
