@@ -373,9 +373,15 @@ def test_optuna_with_a_seed_gives_the_same_trials(digits: dict[str, Path], tmp_p
 
 
 def _ray_daemons() -> set[int]:
+    """raylet/gcs_server processes of this environment's Ray (other checkouts on the same
+    machine run their own Ray from their own environments; they are not ours to count)."""
+    import ray
+
+    ours = str(Path(ray.__file__).resolve().parent)
     pids = set()
-    for proc in psutil.process_iter(["name"]):
-        if any(d in (proc.info["name"] or "") for d in RAY_DAEMONS):
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        name, cmd = proc.info["name"] or "", proc.info["cmdline"] or []
+        if any(d in name for d in RAY_DAEMONS) and cmd and cmd[0].startswith(ours):
             pids.add(proc.pid)
     return pids
 
