@@ -93,6 +93,11 @@ def test_wheel_contains_every_module(wheel: Path) -> None:
         for p in (REPO / "onnxslim_edge").rglob("*.py")
         if "__pycache__" not in p.parts
     }
+    # Package data: the shipped recipes and spaces (`--space edge`), the demo assets.
+    expected |= {
+        p.relative_to(REPO).as_posix() for p in (REPO / "onnxslim_edge" / "recipes").glob("*.toml")
+    }
+    assert "onnxslim_edge/recipes/edge.space.toml" in expected
     assert "onnxslim_edge/passes/__init__.py" in expected
     missing = sorted(expected - names)
     assert not missing, f"modules missing from {wheel.name}: {missing}"

@@ -411,3 +411,75 @@ def test_cli_from_the_repository_root_with_the_shipped_space(digits: dict[str, P
     again = subprocess.run([*argv, "-q"], cwd=root, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout == ""
     assert json.loads((out / "results.json").read_text())["ran"] == 0
+
+
+_HEAD = """
+import sys, ray
+ctx = ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+               object_store_memory=100 * 2**20)
+print(ctx.address_info["gcs_address"], flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+_DRIVER = """
+import json, sys
+from onnxslim_edge.errors import ConfigError
+from onnxslim_edge.sweep import run_sweep
+
+address, model, calib, evaluation, out, timed, untimed = sys.argv[1:]
+kwargs = {"data": calib, "eval_data": evaluation, "address": address}
+try:
+    run_sweep(model, timed, out=out + "/timed", **kwargs)
+    refused = None
+except ConfigError as exc:
+    refused = str(exc)
+result = run_sweep(model, untimed, out=out + "/ok", **kwargs)
+print(json.dumps({"refused": refused, "ran": result.ran, "ok": [t.ok for t in result.trials]}))
+"""
+
+
+def test_address_runs_on_an_existing_cluster(digits: dict[str, Path], tmp_path: Path) -> None:
+    """A Ray started by another process (without a latency_slot), used through address.
+
+    Both ends run in child processes with Ray's token authentication off (it keeps a
+    driver's own local cluster to itself): Ray reads that setting once per process.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen(
+        [sys.executable, "-c", _HEAD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the head process did not start Ray"
+        untimed = 'target = "onnxruntime-cpu"\n[[pass]]\nname = "quantize"\nmethod = ["minmax"]\n'
+        argv = [address, digits["model"], digits["calib"], digits["eval"], tmp_path, GRID, untimed]
+        proc = subprocess.run(
+            [sys.executable, "-c", _DRIVER, *map(str, argv)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+    # GRID asks for latency, which needs a latency_slot: refused, and no folder left.
+    assert "no 'latency_slot' resource" in report["refused"]
+    assert not (tmp_path / "timed").exists()
+    assert report["ran"] == 1 and report["ok"] == [True]
+    assert _ray_daemons(tmp_path.resolve()) == set()  # the cluster's processes went with it

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -404,7 +405,6 @@ def run_sweep(
     Bad input (space, model, data, options) raises a one-line error before `out` exists.
     """
     from onnxslim_edge.model import load_model
-    from onnxslim_edge.sweep.results import write_results
 
     t0 = time.perf_counter()
     if not isinstance(space, Space):
@@ -447,7 +447,55 @@ def run_sweep(
         "latency_runs": space.latency_runs if space.needs_latency else 0,
         "seed": seed,
     }
+    created = not folder.exists()
     (folder / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        return _sweep(
+            space,
+            folder,
+            inputs,
+            points,
+            original_path=model_path,
+            data=data,
+            eval_data=eval_data,
+            workers=workers,
+            address=address,
+            search=search,
+            trials=trials,
+            seed=seed,
+            metrics_callback=metrics_callback,
+            on_trial=on_trial,
+            t0=t0,
+        )
+    except BaseException:
+        # Nothing finished (Ray refused to start, the cluster lacks a resource, Ctrl-C
+        # at once): a folder this call created goes again, as if it never ran.
+        if created and not any((folder / TRIALS_DIR).glob("*/metrics.json")):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _sweep(
+    space: Space,
+    folder: Path,
+    inputs: dict[str, Any],
+    points: list[dict[str, Any]],
+    *,
+    original_path: Path,
+    data: Any,
+    eval_data: Any,
+    workers: int | None,
+    address: str | None,
+    search: str,
+    trials: int | None,
+    seed: int,
+    metrics_callback: MetricsCallback | None,
+    on_trial: Callable[[Trial, int, int], None] | None,
+    t0: float,
+) -> SweepResult:
+    from onnxslim_edge.sweep.results import write_results
+
+    model_path = original_path
     settings = {
         "space": space,
         "model_path": str(model_path.resolve()),
