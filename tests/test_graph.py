@@ -97,25 +97,9 @@ def test_infer_shapes_on_a_model_or_its_graph_is_one_cached_answer(monkeypatch) 
 def test_measured_shapes_are_marked() -> None:
     """Reshape to a shape computed through float arithmetic: ONNX cannot follow it, one
     ONNX Runtime run measures it (and says so)."""
-    scale = numpy_helper.from_array(np.array([1, 1], np.float32), "scale")
-    nodes = [
-        helper.make_node("Shape", ["x"], ["s"]),
-        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["sf", "scale"], ["sm"]),
-        helper.make_node("Cast", ["sm"], ["si"], to=TensorProto.INT64),
-        helper.make_node("Reshape", ["x", "si"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [scale],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     clear_shapes_cache()
-    infos = infer_shapes(model)
-    assert infos["y"].shape == (2, 3) and infos["y"].measured
+    infos = infer_shapes(_measured_matmul_model())
+    assert infos["r"].shape == (2, 64) and infos["r"].measured
     assert not infos["s"].measured
 
 

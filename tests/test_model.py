@@ -325,7 +325,7 @@ def test_streamed_parse_merges_a_graph_given_in_pieces(
     head.ClearField("graph")
     tag = bytes([(7 << 3) | 2])
     pieces = b"".join(
-        tag + _varint_bytes(len(p)) + p
+        tag + model_mod._varint(len(p)) + p
         for p in (first.SerializeToString(), second.SerializeToString())
     )
     path = tmp_path / "pieces.onnx"
@@ -336,15 +336,6 @@ def test_streamed_parse_merges_a_graph_given_in_pieces(
     expected.ParseFromString(path.read_bytes())
     assert streamed.SerializeToString() == expected.SerializeToString()
     assert [t.name for t in streamed.graph.initializer] == ["w0", "w1"]
-
-
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.999])
