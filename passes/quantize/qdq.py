@@ -69,7 +69,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_edge.errors import DataError
 from onnxslim_edge.graph import clamp_ir
 from onnxslim_edge.passes.quantize.builder import QDQ_OPSET
-from onnxslim_edge.passes.quantize.config import QuantizeConfig
+from onnxslim_edge.passes.quantize.config import QuantizeConfig, parse_override
 from onnxslim_edge.passes.quantize.placement import WEIGHT_OPS, Analysis, name_nodes
 from onnxslim_edge.passes.quantize.quantizer import Quantizer, prepare_float_model
 from onnxslim_edge.passes.quantize.sensitivity import EVAL_SAMPLES, rank_layers
@@ -183,7 +183,7 @@ class Quantize(Pass):
     def _smooth(self, graph: gs.Graph, ctx: Context, report: PassReport) -> None:
         """SmoothQuant-style smoothing of the layers' activations (`smooth`), measured
         on the calibration samples; exact on the float model. Layers excluded by name
-        or op type are left alone."""
+        or op type, and tensors with an `overrides` range, are left alone."""
         from onnxslim_edge.data import open_data
 
         cfg: QuantizeConfig = self.config
@@ -202,7 +202,9 @@ class Quantize(Pass):
             if n.op in cfg.exclude_ops
             or any(n.name == p.pattern or p.fullmatch(n.name) for p in patterns)
         }
-        targets = smooth_targets(graph, excluded)
+        # a tensor whose range the user fixed keeps its values (and its name)
+        fixed = {parse_override(t)[0] for t in cfg.overrides}
+        targets = [t for t in smooth_targets(graph, excluded) if t not in fixed]
         if not targets:
             return
         model = clamp_ir(gs.export_onnx(graph.copy(), do_type_check=False))
@@ -214,7 +216,7 @@ class Quantize(Pass):
             input_shapes=ctx.data_shapes(model),
             seed=ctx.seed,
         )
-        amax = channel_amax(model, list(targets), source)
+        amax = channel_amax(model, targets, source)
         details = smooth_graph(graph, amax, alpha=cfg.smooth_alpha, excluded=excluded)
         if details:
             report.count("smoothed_activations", len(details))

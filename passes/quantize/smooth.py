@@ -13,18 +13,24 @@ This is the rewrite NVIDIA ModelOpt applies for TensorRT int8 on transformers (a
 
 Where the division goes:
 
-- X = Mul(Y, c) -> [Add(., b)] with constant per-channel c (and b), read only by the
-  smoothed layers (a decomposed LayerNorm's gamma/beta, a previous smoothing's Mul):
+- X = Mul(Y, c) -> [Add(., b)] with constant per-channel vectors c (and b) of the
+  channel count (not scalars: GELU's 0.5 stays, so fusions matching it still do),
+  read only by the smoothed layers (a decomposed LayerNorm's gamma/beta, a previous smoothing's Mul):
   c and b are divided by s, no node is added;
 - X = LayerNormalization(Y, gamma, beta), read only by the smoothed layers: gamma and
   beta are divided by s;
 - otherwise (a post-norm block's LayerNorm output also feeds the residual Add, a GELU
   output): a Mul by the constant 1/s is inserted in front of the smoothed layers only.
 
+Either way the layers then read a tensor with a new name (`<name>_smoothed`), so a
+calibration cache entry or range override of the unsmoothed tensor does not apply to
+it (`quantize` leaves tensors with an override unsmoothed).
+
 Exact up to float rounding: the float model's outputs do not change (tested). A
 channel whose activation or weight maximum is 0 keeps s = 1; s is clipped to
 [1e-4, 1e4]. Layers handled: MatMul with a 2-D constant weight as second input, Gemm
-with transA = 0 and a constant B; their first input float and not a constant.
+with transA = 0 and a constant B (also a Transpose of a constant, which the rewrite
+folds); their first input float and not a constant.
 """
 
 from __future__ import annotations
@@ -45,13 +51,25 @@ log = logging.getLogger(__name__)
 _MIN_SCALE, _MAX_SCALE = 1e-4, 1e4
 
 
+def _constant(tensor: Any) -> np.ndarray | None:
+    """`const_value(tensor)`, also through a Transpose of a constant (torch exports
+    Linear weights so when constant folding is off)."""
+    value = const_value(tensor)
+    if value is not None or len(tensor.inputs) != 1 or tensor.inputs[0].op != "Transpose":
+        return value
+    inner = const_value(tensor.inputs[0].inputs[0])
+    if inner is None:
+        return None
+    return np.transpose(inner, tensor.inputs[0].attrs.get("perm"))
+
+
 def _weight(node: gs.Node) -> tuple[np.ndarray, int] | None:
     """(weight, input-channel axis) of a smoothable MatMul/Gemm, else None."""
     if len(node.inputs) < 2 or isinstance(node.inputs[0], gs.Constant):
         return None
     if const_value(node.inputs[0]) is not None:
         return None
-    w = const_value(node.inputs[1])
+    w = _constant(node.inputs[1])
     if w is None or w.ndim != 2 or w.dtype != np.float32:
         return None
     if node.op == "MatMul":
@@ -101,7 +119,8 @@ def _scales(a: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _per_channel(value: np.ndarray | None, k: int) -> bool:
-    return value is not None and value.dtype == np.float32 and value.shape in ((k,), (1,), ())
+    # (k,) only: a scalar (GELU's 0.5) stays as it is, so fusions matching it still do
+    return value is not None and value.dtype == np.float32 and value.shape == (k,)
 
 
 def _fold_target(graph: gs.Graph, tensor: gs.Variable, k: int) -> list[tuple[gs.Node, int]] | None:
@@ -176,8 +195,10 @@ def smooth_graph(
                 c = const_value(node.inputs[slot]).astype(np.float32)
                 node.inputs[slot] = gs.Constant(
                     unique_name(graph, f"{node.name}_smooth_c{slot}"),
-                    (np.broadcast_to(c, (k,)) / s).astype(np.float32),
+                    (c / s).astype(np.float32),
                 )
+            # a new name: a calibration cache or override of the old values must not apply
+            tensor.name = unique_name(graph, f"{name}_smoothed")
             how = "folded"
         else:
             inv = gs.Constant(
