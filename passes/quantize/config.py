@@ -74,8 +74,9 @@ class QuantizeConfig:
       calibration when the data has them).
     - `smooth`: SmoothQuant-style smoothing of MatMul/Gemm activations into their
       weights before calibrating (`smooth.smooth_graph`, exact on the float model):
-      "auto" (on for tensorrt, whose symmetric per-tensor activations it helps, off for
-      onnxruntime-cpu, where it measured no better), "on" or "off".
+      "auto" (on for tensorrt when the graph has a LayerNorm, i.e. a transformer: its
+      symmetric per-tensor activations are what smoothing helps; off for
+      onnxruntime-cpu, where it measured no better, and for CNNs), "on" or "off".
     - `smooth_alpha`: SmoothQuant's migration strength in [0, 1] (0.5: the square root
       of the activation / weight channel ratio).
     """

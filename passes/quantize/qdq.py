@@ -26,8 +26,8 @@ Placement depends on the target (`ctx.target`):
   (with `activation_dtype="auto"`) uint8 activations with a zero point covering each
   sign's calibrated range — measured fastest (see docs/quantization.md).
 
-Before calibrating, on the tensorrt target (`smooth="auto"`), each MatMul/Gemm
-activation is smoothed into the layer's weight, SmoothQuant-style (`smooth`): its
+Before calibrating, on the tensorrt target and a graph with a LayerNorm (a
+transformer; `smooth="auto"`), each MatMul/Gemm activation is smoothed into the layer's weight, SmoothQuant-style (`smooth`): its
 per-channel spread (a LayerNorm output's outlier channels) moves into the per-channel
 weight scales; exact on the float model.
 
@@ -70,7 +70,12 @@ from onnxslim_edge.errors import DataError
 from onnxslim_edge.graph import clamp_ir
 from onnxslim_edge.passes.quantize.builder import QDQ_OPSET
 from onnxslim_edge.passes.quantize.config import QuantizeConfig, parse_override
-from onnxslim_edge.passes.quantize.placement import WEIGHT_OPS, Analysis, name_nodes
+from onnxslim_edge.passes.quantize.placement import (
+    WEIGHT_OPS,
+    Analysis,
+    has_layer_norm,
+    name_nodes,
+)
 from onnxslim_edge.passes.quantize.quantizer import Quantizer, prepare_float_model
 from onnxslim_edge.passes.quantize.sensitivity import EVAL_SAMPLES, rank_layers
 from onnxslim_edge.passes.quantize.smooth import channel_amax, smooth_graph, smooth_targets
@@ -138,7 +143,9 @@ class Quantize(Pass):
             probe = Analysis(graph)
             if probe.layers and not _upgrade_opset(graph, report):
                 report.warn(f"opset {graph.opset}: weights quantized per tensor")
-        if cfg.smooth == "on" or (cfg.smooth == "auto" and ctx.target.name == "tensorrt"):
+        if cfg.smooth == "on" or (
+            cfg.smooth == "auto" and ctx.target.name == "tensorrt" and has_layer_norm(graph)
+        ):
             self._smooth(graph, ctx, report)
         float_model = prepare_float_model(graph)
         quantizer = Quantizer(float_model, cfg, ctx.target.name)

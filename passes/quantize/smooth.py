@@ -226,6 +226,7 @@ def smooth_graph(
                 "tensor": name,
                 "layers": [n.name for n in layers],
                 "placed": how,
+                "channels": int(k),
                 "amax_max_over_median": [
                     round(float(a.max() / max(np.median(a), 1e-12)), 2),
                     round(float(after.max() / max(np.median(after), 1e-12)), 2),
