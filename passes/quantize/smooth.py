@@ -8,8 +8,8 @@ maximum taken over every MatMul/Gemm that reads X). A transformer's LayerNorm ou
 has a few channels 10-100x larger than the rest; one symmetric int8 scale per tensor
 (what TensorRT needs) then spends its grid on them. Dividing the channels by s moves
 that spread into the weights, which are quantized per output channel and absorb it.
-This is the rewrite NVIDIA ModelOpt applies for TensorRT int8 on transformers (alpha
-0.5).
+This is the rewrite NVIDIA ModelOpt applies for TensorRT int8 on transformers;
+`quantize` uses alpha 0.75 by default (`smooth_alpha`).
 
 Where the division goes:
 
@@ -161,7 +161,7 @@ def smooth_graph(
     graph: gs.Graph,
     amax: Mapping[str, np.ndarray],
     *,
-    alpha: float = 0.5,
+    alpha: float = 0.75,
     excluded: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """Smooth every activation in `smooth_targets(graph, excluded)` that `amax` has
