@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: (name suffix, quantize options) measured on both targets: the defaults, the
 #: guard's fallback to 0.99, ablations keeping some MatMuls in float, and smoothing
-#: (`smooth`, on by default for transformers) off and at SmoothQuant's alpha 0.5.
+#: (`smooth`, on by default for tensorrt) off, on, and at SmoothQuant's alpha 0.5.
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("", {}),
     (" min_cosine=0.99", {"min_cosine": 0.99}),
@@ -48,7 +48,8 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     (" FFN up float", {"exclude_nodes": (r".*/up/MatMul",)}),
     (" FFN down float", {"exclude_nodes": (r".*/down/MatMul",)}),
     (" smooth off", {"smooth": "off"}),
-    (" smooth alpha=0.5", {"smooth_alpha": 0.5}),
+    (" smooth on", {"smooth": "on"}),
+    (" smooth alpha=0.5", {"smooth": "on", "smooth_alpha": 0.5}),
 )
 
 

@@ -74,11 +74,14 @@ class QuantizeConfig:
       calibration when the data has them).
     - `smooth`: SmoothQuant-style smoothing of MatMul/Gemm activations into their
       weights before calibrating (`smooth.smooth_graph`, exact on the float model):
-      "auto" (on when the graph has a LayerNorm, i.e. a transformer, on both targets;
-      off for CNNs and MLPs), "on" or "off".
+      "auto" (on for tensorrt when the graph has a LayerNorm, i.e. a transformer:
+      its symmetric per-tensor activations are what smoothing helps most; off for
+      onnxruntime-cpu, where its extra Mul nodes may cost latency, and for CNNs and
+      MLPs), "on" or "off".
     - `smooth_alpha`: SmoothQuant's migration strength in [0, 1] (0.5: the square root
       of the activation / weight channel ratio; 0.75 measured best on the guard's
-      held-back sentences of all-MiniLM-L6-v2, see docs/quantization.md).
+      held-back sentences of all-MiniLM-L6-v2 on both targets, see
+      docs/quantization.md).
     """
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"

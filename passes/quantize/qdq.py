@@ -26,8 +26,8 @@ Placement depends on the target (`ctx.target`):
   (with `activation_dtype="auto"`) uint8 activations with a zero point covering each
   sign's calibrated range — measured fastest (see docs/quantization.md).
 
-Before calibrating, in a graph with a LayerNorm (a transformer; `smooth="auto"`), each
-MatMul/Gemm activation is smoothed into the layer's weight, SmoothQuant-style
+Before calibrating, on the tensorrt target in a graph with a LayerNorm (a transformer;
+`smooth="auto"`; `smooth="on"` for onnxruntime-cpu too), each MatMul/Gemm activation is smoothed into the layer's weight, SmoothQuant-style
 (`smooth`): its per-channel spread (a LayerNorm output's outlier channels) moves into
 the per-channel weight scales; exact on the float model.
 
@@ -143,7 +143,9 @@ class Quantize(Pass):
             probe = Analysis(graph)
             if probe.layers and not _upgrade_opset(graph, report):
                 report.warn(f"opset {graph.opset}: weights quantized per tensor")
-        if cfg.smooth == "on" or (cfg.smooth == "auto" and has_layer_norm(graph)):
+        if cfg.smooth == "on" or (
+            cfg.smooth == "auto" and ctx.target.name == "tensorrt" and has_layer_norm(graph)
+        ):
             self._smooth(graph, ctx, report)
         float_model = prepare_float_model(graph)
         quantizer = Quantizer(float_model, cfg, ctx.target.name)
