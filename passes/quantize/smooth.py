@@ -43,6 +43,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.graph import const_value, unique_name
+from onnxslim_edge.passes.quantize.calibrate import free_batch
 
 __all__ = ["channel_amax", "smooth_graph", "smooth_targets"]
 
@@ -94,21 +95,42 @@ def channel_amax(
     model: Any, tensors: Iterable[str], data: Iterable[Mapping[str, Any]]
 ) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor in `tensors` over the batches of
-    `data` (ONNX Runtime, tensors exposed as outputs of a copy of `model`)."""
+    `data` (ONNX Runtime, tensors exposed as outputs of a copy of `model`; run one
+    sample at a time unless the model fixes its batch dimension)."""
     from onnxslim_edge.graph import exposing_session
 
     names = list(dict.fromkeys(tensors))
     session = exposing_session(model, names)
+    split = free_batch(model)
     amax: dict[str, np.ndarray] = {}
     for feed in data:
-        for name, value in zip(names, session.run(names, dict(feed))):
-            v = np.abs(np.asarray(value, dtype=np.float32))
-            if not v.ndim:
-                continue
-            v = v.reshape(-1, v.shape[-1]).max(axis=0)
-            v = np.where(np.isfinite(v), v, 0.0)
-            amax[name] = v if name not in amax else np.maximum(amax[name], v)
+        for part in _samples(feed, split):
+            _update(amax, names, session.run(names, part))
     return amax
+
+
+def _samples(feed: Mapping[str, Any], split: bool) -> Iterable[dict[str, Any]]:
+    """`feed` one sample at a time (exposing every MatMul input of a batch at once can
+    take gigabytes), or whole when the model fixes its batch or the arrays disagree."""
+    arrays = {k: np.asarray(v) for k, v in feed.items()}
+    sizes = {a.shape[0] if a.ndim else None for a in arrays.values()}
+    if not split or len(sizes) != 1 or None in sizes:
+        yield arrays
+        return
+    (n,) = sizes
+    for i in range(n):
+        yield {k: a[i : i + 1] for k, a in arrays.items()}
+
+
+def _update(amax: dict[str, np.ndarray], names: list[str], values: list[Any]) -> None:
+    """Fold one run's tensors into the per-channel maxima (non-finite values as 0)."""
+    for name, value in zip(names, values):
+        v = np.abs(np.asarray(value, dtype=np.float32))
+        if not v.ndim:
+            continue
+        v = v.reshape(-1, v.shape[-1]).max(axis=0)
+        v = np.where(np.isfinite(v), v, 0.0)
+        amax[name] = v if name not in amax else np.maximum(amax[name], v)
 
 
 def _scales(a: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
