@@ -81,6 +81,9 @@ def test_smoothing_is_exact_on_the_float_model(encoders, style):
     feed = torch_models.text_encoder_inputs(8, seed=5)
     for want, got in zip(_run(model, feed), _run(smoothed, feed)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # a second run finds every channel balanced already: nothing moves, no node added
+    again, more = _smoothed(smoothed, _calib())
+    assert more == [] and len(again.graph.node) == len(smoothed.graph.node)
 
 
 def _prenorm(k=8, n=6, seed=0):
