@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 
 
 #: (name suffix, quantize options) measured on both targets: the defaults, the
-#: guard's fallback to 0.99, and ablations keeping some MatMuls in float.
+#: guard's fallback to 0.99, ablations keeping some MatMuls in float, and smoothing
+#: (`smooth`, on by default for tensorrt) off, on, and at SmoothQuant's alpha 0.5.
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("", {}),
     (" min_cosine=0.99", {"min_cosine": 0.99}),
     (" QK^T/AV float", {"exclude_nodes": (r"/layers\.\d+/MatMul(_1)?",)}),
     (" FFN up float", {"exclude_nodes": (r".*/up/MatMul",)}),
     (" FFN down float", {"exclude_nodes": (r".*/down/MatMul",)}),
+    (" smooth off", {"smooth": "off"}),
+    (" smooth on", {"smooth": "on"}),
+    (" smooth alpha=0.5", {"smooth": "on", "smooth_alpha": 0.5}),
 )
 
 

@@ -84,6 +84,7 @@ __all__ = [
     "entropy_bin",
     "entropy_divergences",
     "estimated_sqnr_db",
+    "free_batch",
     "load_cache",
     "method_label",
     "mse_bin",
@@ -662,7 +663,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 FETCH_BUDGET = 16 << 20
 
 
-def _free_batch(model: onnx.ModelProto) -> bool:
+def free_batch(model: onnx.ModelProto) -> bool:
     """True when no graph input fixes its first dimension (runs may be cut on axis 0)."""
     inits = {t.name for t in model.graph.initializer}
     for value in model.graph.input:
@@ -717,7 +718,7 @@ class Calibrator:
         # `fetch_budget` bytes (sized on the first sample); small models keep big runs.
         self.fetch_budget = FETCH_BUDGET
         self._rows: int | None = None
-        self._split = _free_batch(model)
+        self._split = free_batch(model)
 
     def _make_session(self) -> Any:
         from onnxslim_edge.graph import exposing_session

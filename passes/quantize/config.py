@@ -72,6 +72,16 @@ class QuantizeConfig:
       and SQNR 10 dB (`DEFAULT_FLOORS`) and fall back or refuse below them.
     - `guard_samples`: samples the floors are checked on (>= 1; held back from
       calibration when the data has them).
+    - `smooth`: SmoothQuant-style smoothing of MatMul/Gemm activations into their
+      weights before calibrating (`smooth.smooth_graph`, exact on the float model):
+      "auto" (on for tensorrt when the graph has a LayerNorm, i.e. a transformer:
+      its symmetric per-tensor activations are what smoothing helps most; off for
+      onnxruntime-cpu, where its extra Mul nodes may cost latency, and for CNNs and
+      MLPs), "on" or "off".
+    - `smooth_alpha`: SmoothQuant's migration strength in [0, 1] (0.5: the square root
+      of the activation / weight channel ratio; 0.75 measured best on the guard's
+      held-back sentences of all-MiniLM-L6-v2 on both targets, see
+      docs/quantization.md).
     """
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
@@ -92,6 +102,8 @@ class QuantizeConfig:
     consumer_ranges: bool = True  # clamp ranges to what the consumers can tell apart
     fidelity_guard: bool = True  # always measure; below DEFAULT_FLOORS: fallback or error
     guard_samples: int = 16  # samples the guard measures (held back when the data has them)
+    smooth: Literal["auto", "on", "off"] = "auto"
+    smooth_alpha: float = 0.75
 
     def __post_init__(self) -> None:
         try:
@@ -128,6 +140,10 @@ class QuantizeConfig:
         m = self.fallback_max_layers
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ConfigError(f"quantize.fallback_max_layers must be >= 0, got {m!r}")
+        if self.smooth not in ("auto", "on", "off"):
+            raise ConfigError(f"quantize.smooth must be auto, on or off, got {self.smooth!r}")
+        if not _is_float(self.smooth_alpha) or not 0 <= self.smooth_alpha <= 1:
+            raise ConfigError(f"quantize.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}")
         g = self.guard_samples
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
             raise ConfigError(f"quantize.guard_samples must be >= 1, got {g!r}")

@@ -41,6 +41,7 @@ __all__ = [
     "Layer",
     "Placement",
     "float_region",
+    "has_layer_norm",
     "is_activation",
     "make_placement",
     "name_nodes",
@@ -242,6 +243,12 @@ def _decomposed_norm(node: gs.Node) -> bool:
         c.op == "Sub" and len(c.inputs) == 2 and c.inputs[0] is x and c.inputs[1] is node.outputs[0]
         for c in node.outputs[0].outputs
     )
+
+
+def has_layer_norm(graph: gs.Graph) -> bool:
+    """Whether `graph` has a LayerNormalization or a decomposed LayerNorm (a transformer;
+    `smooth="auto"` smooths only such graphs)."""
+    return any(n.op == "LayerNormalization" or _decomposed_norm(n) for n in graph.nodes)
 
 
 def _neighbours(node: gs.Node) -> Iterable[gs.Node]:

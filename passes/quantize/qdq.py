@@ -26,6 +26,11 @@ Placement depends on the target (`ctx.target`):
   (with `activation_dtype="auto"`) uint8 activations with a zero point covering each
   sign's calibrated range — measured fastest (see docs/quantization.md).
 
+Before calibrating, on the tensorrt target in a graph with a LayerNorm (a transformer;
+`smooth="auto"`; `smooth="on"` for onnxruntime-cpu too), each MatMul/Gemm activation is smoothed into the layer's weight, SmoothQuant-style
+(`smooth`): its per-channel spread (a LayerNorm output's outlier channels) moves into
+the per-channel weight scales; exact on the float model.
+
 With `consumer_ranges` (default) a tensor whose readers are all flat past some bound
 (Relu, Clip, HardSigmoid, HardSwish and its Add/Clip/Mul export, constant Adds before
 them) gets its calibrated range narrowed to the part they can tell apart
@@ -56,16 +61,24 @@ narrowing), `builder` (the graph rewrite), `quantizer` (calibrated builds),
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import DataError
+from onnxslim_edge.graph import clamp_ir
 from onnxslim_edge.passes.quantize.builder import QDQ_OPSET
-from onnxslim_edge.passes.quantize.config import QuantizeConfig
-from onnxslim_edge.passes.quantize.placement import WEIGHT_OPS, Analysis
+from onnxslim_edge.passes.quantize.config import QuantizeConfig, parse_override
+from onnxslim_edge.passes.quantize.placement import (
+    WEIGHT_OPS,
+    Analysis,
+    has_layer_norm,
+    name_nodes,
+)
 from onnxslim_edge.passes.quantize.quantizer import Quantizer, prepare_float_model
 from onnxslim_edge.passes.quantize.sensitivity import EVAL_SAMPLES, rank_layers
+from onnxslim_edge.passes.quantize.smooth import channel_amax, smooth_graph, smooth_targets
 from onnxslim_edge.pipeline import Context, FidelityError, Pass, PassReport
 from onnxslim_edge.verify import Evaluator, Fidelity
 
@@ -130,6 +143,10 @@ class Quantize(Pass):
             probe = Analysis(graph)
             if probe.layers and not _upgrade_opset(graph, report):
                 report.warn(f"opset {graph.opset}: weights quantized per tensor")
+        if cfg.smooth == "on" or (
+            cfg.smooth == "auto" and ctx.target.name == "tensorrt" and has_layer_norm(graph)
+        ):
+            self._smooth(graph, ctx, report)
         float_model = prepare_float_model(graph)
         quantizer = Quantizer(float_model, cfg, ctx.target.name)
         for node, reason in quantizer.analysis.unsupported:
@@ -169,6 +186,48 @@ class Quantize(Pass):
             report.detail(**guard)
         quantizer.save_cache()
         return report
+
+    def _smooth(self, graph: gs.Graph, ctx: Context, report: PassReport) -> None:
+        """SmoothQuant-style smoothing of the layers' activations (`smooth`), measured
+        on the calibration samples; exact on the float model. Layers excluded by name
+        or op type, and tensors with an `overrides` range, are left alone."""
+        from onnxslim_edge.data import open_data
+
+        cfg: QuantizeConfig = self.config
+        try:
+            one_shot = iter(ctx.data) is ctx.data
+        except TypeError:
+            one_shot = False
+        if one_shot:
+            report.warn("smoothing skipped: the data is a one-shot iterator (it is read twice)")
+            return
+        name_nodes(graph)
+        patterns = [re.compile(p) for p in cfg.exclude_nodes]
+        excluded = {
+            n.name
+            for n in graph.nodes
+            if n.op in cfg.exclude_ops
+            or any(n.name == p.pattern or p.fullmatch(n.name) for p in patterns)
+        }
+        # a tensor whose range the user fixed keeps its values (and its name)
+        fixed = {parse_override(t)[0] for t in cfg.overrides}
+        targets = [t for t in smooth_targets(graph, excluded) if t not in fixed]
+        if not targets:
+            return
+        model = clamp_ir(gs.export_onnx(graph.copy(), do_type_check=False))
+        source = open_data(
+            ctx.data,
+            model,
+            batch_size=_DEFAULT_BATCH,
+            limit=cfg.max_calibration_samples,
+            input_shapes=ctx.data_shapes(model),
+            seed=ctx.seed,
+        )
+        amax = channel_amax(model, targets, source)
+        details = smooth_graph(graph, amax, alpha=cfg.smooth_alpha, excluded=excluded)
+        if details:
+            report.count("smoothed_activations", len(details))
+            report.detail(smoothing=details, smooth_alpha=cfg.smooth_alpha)
 
     def _evaluator(self, quantizer: Quantizer, source: Any, ctx: Context) -> tuple[Evaluator, str]:
         """The evaluator the floors are checked with, and which samples it holds: the
