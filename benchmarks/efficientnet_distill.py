@@ -77,6 +77,14 @@ QUANTIZE = ["cleanup", "fold-batchnorm", "cleanup", "quantize:method=percentile"
 QUANTIZE_TARGET = "tensorrt"
 #: `{val}` becomes the validation file's path.
 DISTILL = "distill:epochs=4,lr=0.0003,augment=off,patience=0,validation={val}"
+#: Residual-stream tensors pruning leaves at the teacher's shape (block outputs at 28,
+#: 14 and 7 pixels): `FEATURES` matches them besides the logits.
+FEATURE_TENSORS = (
+    "/_blocks.4/Add_output_0",
+    "/_blocks.10/Add_output_0",
+    "/_blocks.15/_bn2/BatchNormalization_output_0",
+)
+FEATURES = DISTILL + ",features=" + "|".join(f"{t}={t}" for t in FEATURE_TENSORS)
 QAT = "distill:epochs=1,lr=0.00003,augment=off,patience=0,validation={val}"
 
 #: Pictures that train (name -> where it comes from). None is an evaluation photo.
@@ -361,6 +369,7 @@ def run_part(
     after = _agreement(teacher, result.model, evaluation)
     from onnxslim_edge.analysis import model_cost
 
+    at = {"input": (1, 3, 224, 224)}
     row = {
         "part": part,
         "compress": passes,
@@ -369,7 +378,7 @@ def run_part(
         "distill": spec.replace(str(val), "val.npz"),
         "eval_top1_agreement_before": before,
         "eval_top1_agreement_after": after,
-        "macs_ratio": model_cost(result.model).macs / model_cost(teacher).macs,
+        "macs_ratio": model_cost(result.model, at).macs / model_cost(teacher, at).macs,
         "wall_s": wall,
         "commit": _commit(),
         **_summary(result.report.passes[-1]),
