@@ -141,3 +141,31 @@ def test_plot_draws_every_row(tmp_path: Path) -> None:
     assert ed.main(["run", "--part", "plot", "--out", str(path)]) == 0
     png = path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forkserver_children_of_a_run_from_the_root_import_the_installed_package() -> None:
+    """`python -m benchmarks...` from the root: onnxslim_edge.sandbox's forkserver children
+    must import the installed package (where `passes` is `onnxslim_edge.passes`), not the
+    source folder in the current directory (CPython 3.11's forkserver ignores sys.path)."""
+    import importlib.machinery
+    import subprocess
+    import sys
+
+    root = Path(ed.__file__).resolve().parents[1]
+    others = [p for p in sys.path if p and Path(p).resolve() != root]
+    if importlib.machinery.PathFinder.find_spec("onnxslim_edge", others) is None:
+        pytest.skip("no installed onnxslim_edge besides the source folder")
+    code = (
+        "import importlib, multiprocessing as mp, sys\n"
+        "from benchmarks.harness import prefer_installed_package\n"
+        "prefer_installed_package()\n"
+        "ctx = mp.get_context('forkserver')\n"
+        "ctx.set_forkserver_preload(['onnxslim_edge'])\n"
+        "p = ctx.Process(target=importlib.import_module, args=('onnxslim_edge.passes',))\n"
+        "p.start(); p.join(120)\n"
+        "sys.exit(p.exitcode)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
