@@ -412,6 +412,15 @@ def _load(path: Path) -> dict[str, Any]:
     return {"rows": []}
 
 
+def _short_label(row: Mapping[str, Any]) -> str:
+    """`prune (calib spec): epochs=4,lr=0.0003 +3 features` for a legend."""
+    options = row["distill"].removeprefix("distill").lstrip(":").split(",")
+    keep = [o for o in options if o.split("=")[0] in ("epochs", "steps", "lr")]
+    features = [o for o in options if o.startswith("features=")]
+    extra = f" +{len(features[0].split('|'))} features" if features else ""
+    return f"{row['part']} (calib {row.get('calib', 'spec')}): {','.join(keep)}{extra}"
+
+
 def plot(path: Path = RESULTS, out: Path = PLOT) -> Path:
     """Loss curve and validation fidelity of every row in `path`, as a PNG."""
     import matplotlib
@@ -420,16 +429,16 @@ def plot(path: Path = RESULTS, out: Path = PLOT) -> Path:
     import matplotlib.pyplot as plt
 
     doc = json.loads(_need(path).read_text(encoding="utf-8"))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for row in doc["rows"]:
-        label = f"{row['part']}: {row['distill'].removeprefix('distill:')}"
+        label = _short_label(row)
         curve = row["loss_curve"]
         left.plot(np.linspace(0, row["epochs"], len(curve)), curve, label=label)
         fid = [row["validation_fidelity_before"], *row["validation_per_epoch"]]
         right.plot(range(len(fid)), fid, marker="o", label=label)
     left.set(xlabel="epoch", ylabel="training loss", yscale="log", title="distill loss")
     right.set(xlabel="epoch", ylabel="top-1 agreement", title="validation fidelity")
-    right.legend(fontsize=6)
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
