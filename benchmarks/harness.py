@@ -99,6 +99,10 @@ def prefer_installed_package() -> None:
     others = [p for p in sys.path if Path(p or ".").resolve() != root]
     if here and importlib.machinery.PathFinder.find_spec("onnxslim_edge", others) is not None:
         sys.path[:] = others + here
+        # Children started by the `forkserver` method (onnxslim_edge.sandbox) get no
+        # sys.path from us (CPython 3.11's forkserver.main ignores it) and would put the
+        # current folder, the root, first again: PYTHONSAFEPATH keeps it out of theirs.
+        os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 
 # --------------------------------------------------------------------------- settings

@@ -124,6 +124,7 @@ class DistillConfig:
 
     teacher: str | None = None  # path; default: the pipeline's input model
     data: str | None = None  # training data path; default: the Context's (--calib)
+    validation: str | None = None  # scoring data path; default: a `holdout` split of `data`
     labels: str | None = None  # array of class labels in the `data` .npz (adds CE)
     epochs: int = 10
     steps: int | None = None  # total optimizer steps; overrides epochs
@@ -252,9 +253,12 @@ class Distill(Pass):
         student = _export(graph)
         inputs, labels = load_samples(cfg, ctx, student)
         n = next(iter(inputs.values())).shape[0]
-        if n < 2:
+        n_val = 0
+        if cfg.validation is not None:
+            inputs, labels, n_val = _with_validation(cfg, ctx, student, inputs, labels)
+        elif n < 2:
             raise DataError(f"distill needs at least 2 samples (1 to train, 1 held out); got {n}")
-        run = _Problem(cfg, teacher, student, inputs, labels, seed, report)
+        run = _Problem(cfg, teacher, student, inputs, labels, seed, report, n_val=n_val)
         with tempfile.TemporaryDirectory(prefix="onnxslim-distill-") as tmp:
             result = run.train(Path(tmp), progress=ctx.progress)
         run.finish(graph, result)
@@ -271,6 +275,29 @@ class Distill(Pass):
                 "teacher) or give distill:teacher=PATH"
             )
         return ctx.reference
+
+
+def _with_validation(
+    cfg: DistillConfig,
+    ctx: Context,
+    student: onnx.ModelProto,
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:
+    """The training samples with `cfg.validation`'s appended (their count last): scoring
+    and the never-worse check then run on data the user chose, not on a split of `data`."""
+    val, val_labels = load_samples(dataclasses.replace(cfg, data=cfg.validation), ctx, student)
+    for k, v in inputs.items():
+        if val[k].shape[1:] != v.shape[1:]:
+            raise DataError(
+                f"distill.validation: input '{k}' has samples of shape {val[k].shape[1:]}, "
+                f"the training data {v.shape[1:]}"
+            )
+    n_val = next(iter(val.values())).shape[0]
+    merged = {k: np.concatenate([v, val[k].astype(v.dtype, copy=False)]) for k, v in inputs.items()}
+    if labels is not None and val_labels is not None:
+        labels = np.concatenate([labels, val_labels])
+    return merged, labels, n_val
 
 
 def _fold_batchnorm(graph: gs.Graph, ctx: Context, report: PassReport) -> None:
@@ -309,6 +336,8 @@ class _Problem:
         labels: np.ndarray | None,
         seed: int,
         report: PassReport,
+        *,
+        n_val: int = 0,
     ) -> None:
         self.cfg, self.student, self.inputs, self.seed, self.report = (
             cfg,
@@ -318,6 +347,7 @@ class _Problem:
             report,
         )
         self.n = next(iter(inputs.values())).shape[0]
+        self.n_val = n_val  # the last n_val samples are the validation data
         self.teacher_model = teacher
         self._evaluator: Any = None
         self.terms = self._terms(teacher)
@@ -599,13 +629,17 @@ class _Problem:
     def train(self, workdir: Path, *, progress: bool) -> TrainResult:
         cfg = self.cfg
         rng = np.random.default_rng(self.seed)
-        order = rng.permutation(self.n)
-        n_held = max(1, round(cfg.holdout * self.n)) if cfg.holdout > 0 else 0
-        if n_held >= self.n:
-            raise DataError(f"distill: {self.n} samples leave none to train on")
-        held, train_idx = (order[:n_held], order[n_held:]) if n_held else (order, order)
-        if not n_held:
-            self.report.warn("holdout=0: fidelity is scored on the training samples")
+        if self.n_val:
+            n_train = self.n - self.n_val
+            held, train_idx = np.arange(n_train, self.n), rng.permutation(n_train)
+        else:
+            order = rng.permutation(self.n)
+            n_held = max(1, round(cfg.holdout * self.n)) if cfg.holdout > 0 else 0
+            if n_held >= self.n:
+                raise DataError(f"distill: {self.n} samples leave none to train on")
+            held, train_idx = (order[:n_held], order[n_held:]) if n_held else (order, order)
+            if not n_held:
+                self.report.warn("holdout=0: fidelity is scored on the training samples")
         spec = LossSpec(
             outputs=tuple(self.terms),
             features=tuple(self._features()),
@@ -694,6 +728,8 @@ class _Problem:
             diverged=result.diverged,
             stopped_early=result.stopped_early,
             resumed_from_step=result.resumed_from,
+            scored_on="validation" if self.n_val else "holdout",
+            scored_samples=self.n_val or None,
             wall_s_per_epoch=[r.wall_s for r in result.history],
             samples_per_s=[r.samples_per_s for r in result.history],
         )

@@ -789,3 +789,29 @@ def test_distillation_docs_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "distillation.md", "exec"), {"__name__": "docs_example"})
+
+
+@needs_engine
+def test_validation_data_decides_and_a_worse_model_is_refused(tmp_path: Path) -> None:
+    """With `validation`, the best epoch and the never-worse check are scored on that data,
+    not on a split of the training data. Here training improves the training split, but at
+    x = 0 the student (only its first layer perturbed) already equals the teacher, so any
+    trained model is worse on that validation set and the input comes back unchanged."""
+    teacher, student, x = _mlp(), _mlp(seed=3, noise=0.5), _inputs(128)
+    options = dict(epochs=3, lr=0.05, patience=0, losses=("logits=kd",))
+    plain = _distill(student, teacher, x, **options).report.passes[0]
+    assert plain.modified and _summary(plain)["scored_on"] == "holdout"
+    val = tmp_path / "val.npz"
+    np.savez(val, x=np.zeros((16, 8), np.float32))
+    result = _distill(student, teacher, x, validation=str(val), **options)
+    report = result.report.passes[0]
+    summary = _summary(report)
+    assert summary["scored_on"] == "validation" and summary["scored_samples"] == 16
+    assert summary["fidelity_before"] == 1.0 and summary["heldout_loss_before"] < 1e-6
+    assert summary["best_epoch"] == 0 and not report.modified
+    assert any("kept the input model" in w for w in report.warnings)
+    for name in ("W1", "b1", "W2", "b2"):
+        np.testing.assert_array_equal(_init(result.model, name), _init(student, name))
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 5), np.float32))
+    with pytest.raises(DataError, match=r"bad.npz: array 'x' has shape \(4, 5\)"):
+        _distill(student, teacher, x, validation=str(tmp_path / "bad.npz"), **options)
