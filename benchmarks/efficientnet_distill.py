@@ -423,12 +423,12 @@ def _short_label(row: Mapping[str, Any]) -> str:
 
 def plot(path: Path = RESULTS, out: Path = PLOT) -> Path:
     """Loss curve and validation fidelity of every row in `path`, as a PNG."""
+    doc = json.loads(_need(path).read_text(encoding="utf-8"))  # missing: exit 2 first
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doc = json.loads(_need(path).read_text(encoding="utf-8"))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for row in doc["rows"]:
         label = _short_label(row)

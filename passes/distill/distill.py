@@ -107,6 +107,9 @@ class DistillConfig:
     - `no_gradient`: before a node without gradient: stop with an error, or freeze the
       weights feeding it.
     - `keep_zeros`: exact zeros of layer weights stay zero (pruning masks).
+    - `validation`: an .npz of scoring data (the data's inputs, kept apart from the
+      training data) that picks the best epoch and decides the never-worse check (None:
+      a `holdout` split of the training data).
     - `holdout`: the fraction of the samples held out for scoring, in [0, 0.5] (at least
       1 sample).
     - `patience`: epochs without improvement before stopping (0: never stop early).
