@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from onnxslim_edge.errors import ConfigError
 from onnxslim_edge.registry import create_pass
 from onnxslim_edge.verify import FLOOR_KEYS  # the one list of floors (re-exported)
 
-__all__ = ["FLOOR_KEYS", "Recipe", "load_recipe", "shipped_recipes"]
+__all__ = ["FLOOR_KEYS", "Recipe", "load_recipe", "read_toml", "shipped_recipes"]
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -58,6 +58,33 @@ class Recipe:
     floors: Mapping[str, float] = field(default_factory=dict)
 
 
+def read_toml(
+    source: str | os.PathLike | Mapping[str, Any],
+    origin: str,
+    locate: Callable[[str | os.PathLike], Path],
+) -> tuple[Mapping[str, Any], str, str]:
+    """(document, origin, text) of TOML given as a mapping, a file or TOML text. A path,
+    or a one-line string that is not TOML, is a file `locate` finds (raising ConfigError
+    when there is none); its path becomes the origin errors name."""
+    if isinstance(source, Mapping):
+        return source, origin, ""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    text = str(source)
+    if isinstance(source, os.PathLike) or (
+        not text.lstrip().startswith(("[", "#")) and "\n" not in text and "=" not in text
+    ):
+        path = locate(source)
+        origin = str(path)
+        text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return tomllib.loads(text), origin, text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML ({' '.join(str(exc).split())})") from exc
+
+
 def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     """A recipe from a TOML file, a shipped recipe's name ("lossless", "edge", "demo":
     see `shipped_recipes`; an existing file of that name wins), TOML text or a mapping.
@@ -70,25 +97,7 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     [verify]
     min_cosine = 0.999
     """
-    origin = "<recipe>"
-    if isinstance(source, Mapping):
-        doc: Mapping[str, Any] = source
-    else:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        text = str(source)
-        if isinstance(source, os.PathLike) or (
-            not text.lstrip().startswith(("[", "#")) and "\n" not in text and "=" not in text
-        ):
-            path = _recipe_file(source)
-            origin = str(path)
-            text = path.read_text(encoding="utf-8", errors="replace")
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{origin}: not valid TOML ({exc})") from exc
+    doc, origin, _ = read_toml(source, "<recipe>", _recipe_file)
     unknown = sorted(set(doc) - {"pass", "target", "verify"})
     if unknown:
         raise ConfigError(

@@ -264,28 +264,19 @@ def trial_id(recipe: Mapping[str, Any], inputs: Mapping[str, Any] | None = None)
 # --------------------------------------------------------------------------- parsing
 
 
+def _space_file(source: str | os.PathLike) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: space file not found")
+    return path
+
+
 def load_space(source: str | os.PathLike | Mapping[str, Any]) -> Space:
     """A Space from a TOML file, TOML text or a mapping; ConfigError (one line) for
     anything it cannot use, before any trial runs."""
-    origin, text = "<space>", ""
-    if isinstance(source, Mapping):
-        doc: Mapping[str, Any] = source
-    else:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        text = str(source)
-        if isinstance(source, os.PathLike) or ("\n" not in text and "=" not in text):
-            path = Path(source)
-            origin = str(path)
-            if not path.is_file():
-                raise ConfigError(f"{origin}: space file not found")
-            text = path.read_text(encoding="utf-8", errors="replace")
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{origin}: not valid TOML ({' '.join(str(exc).split())})") from exc
+    from onnxslim_edge.recipe import read_toml
+
+    doc, origin, text = read_toml(source, "<space>", _space_file)
     space = _parse(doc, origin, text)
     # Every value of every axis is checked by the pass's own config, one axis at a
     # time (the others at their first value); a grid checks every combination later.
