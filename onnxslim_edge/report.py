@@ -59,8 +59,13 @@ class PassReport:
 
     def skip(self, node: Any, reason: str) -> None:
         """Record that `node` (a gs.Node, NodeProto or name) was left alone, and why."""
-        name = getattr(node, "name", None) or str(node)
         op = getattr(node, "op", None) or getattr(node, "op_type", "") or ""
+        name = getattr(node, "name", None)
+        if not name and not isinstance(node, str):  # an unnamed node: by what it computes
+            outputs = list(getattr(node, "outputs", None) or getattr(node, "output", None) or [])
+            first = getattr(outputs[0], "name", outputs[0]) if outputs else ""
+            name = f"{op} -> {first}" if first else op or "?"
+        name = name or str(node)
         self.skips.append(Skip(name, op, reason))
 
     def warn(self, message: str) -> None:

@@ -249,3 +249,20 @@ def test_floors_are_enforced() -> None:
 def test_unknown_target() -> None:
     with pytest.raises(ConfigError, match="unknown target"):
         Context(target="jetson")
+
+
+def test_skips_of_unnamed_nodes_name_what_they_compute() -> None:
+    """An unnamed node's skip reads `Pad -> p`, not the node's multi-line repr."""
+    from onnxslim_edge.report import PassReport
+
+    report = PassReport(name="t")
+    report.skip(gs.Node(op="Pad", inputs=[], outputs=[gs.Variable("p")]), "not constant")
+    report.skip(helper.make_node("Relu", ["a"], ["b"]), "proto")
+    report.skip(gs.Node(op="Relu", name="r1"), "named")
+    report.skip("by name", "text")
+    assert [(s.node, s.op) for s in report.skips] == [
+        ("Pad -> p", "Pad"),
+        ("Relu -> b", "Relu"),
+        ("r1", "Relu"),
+        ("by name", ""),
+    ]

@@ -111,11 +111,15 @@ def _is_float(dtype: Any) -> bool:
 def _sequence_axes(dims: tuple, dtype: Any) -> list[int]:
     """Symbolic axes after the batch that hold a sequence: every non-batch axis of an
     integer (token/id) input, the middle axis of a float (batch, time, features) input,
-    and the last axis of a rank-2 float input (batch, samples: audio)."""
+    the last axis of a float (batch, channels, time) input whose channels are fixed
+    (Conv1d stacks, mel spectrograms), and the last axis of a rank-2 float input
+    (batch, samples: audio)."""
     axes = [a for a, d in enumerate(dims) if a > 0 and not isinstance(d, int)]
     if not _is_float(dtype):
         return axes
     if len(dims) == 3:
+        if 1 not in axes and isinstance(dims[1], int) and 2 in axes:
+            return [2]
         return [a for a in axes if a == 1]
     if len(dims) == 2:
         return [a for a in axes if a == 1]

@@ -105,6 +105,37 @@ def test_sequence_ladder() -> None:
     assert r.origins == {"x": "ladder"}
 
 
+def _conv1d_model(dims: list) -> onnx.ModelProto:
+    """Reflect Pad 4 + Conv1d on a float (batch, channels, time)-like input."""
+    w = np.random.default_rng(0).standard_normal((16, 80, 3)).astype(np.float32)
+    w = numpy_helper.from_array(w, "w")
+    pads = numpy_helper.from_array(np.array([0, 0, 4, 0, 0, 4], np.int64), "pads")
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+        helper.make_node("Conv", ["p", "w"], ["y"], strides=[2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv1d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, "t2"])],
+        [w, pads],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_sequence_ladder_on_channels_first_time_axes() -> None:
+    """(batch, 80 mel bins, time): the time axis is a sequence (16, 128, 512), not 1;
+    the MACs are counted there."""
+    model = _conv1d_model(["batch", 80, "time"])
+    r = resolve_input_shapes(model)
+    assert r.shapes == {"x": (1, 80, 16)} and r.origins == {"x": "ladder"}
+    cost = model_cost(model, input_shapes=dict(r.shapes))
+    assert cost.macs == 16 * 80 * 3 * ((16 + 8 - 3) // 2 + 1)  # Cout Cin k x output length
+
+
 def test_metadata_imgsz_and_batch() -> None:
     r = resolve_input_shapes(two_branch_model({"imgsz": "[320, 256]", "batch": "2"}))
     assert r.shapes == {"x": (2, 3, 320, 256)}
