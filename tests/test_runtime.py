@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -92,26 +91,43 @@ def test_errors_are_typed_and_name_the_cause(tmp_path):
         make_session(broken)
 
 
+_FREED_PROBE = """
+import sys
+from pathlib import Path
+import numpy as np
+def rss_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+if sys.argv[1] == "on":
+    from onnxslim_edge.runtime import return_freed_memory
+    assert return_freed_memory() is True
+# Default glibc raises its mmap threshold to 16 MiB after this free, then serves the
+# 8 MiB blocks below from its heap, where the small blocks between them pin them.
+big = np.ones(16 * 2**20, np.uint8)
+del big
+before = rss_mb()
+blocks, pins = [], []
+for _ in range(16):  # 128 MiB
+    blocks.append(np.ones(8 * 2**20, np.uint8))
+    pins.append(np.ones(4096, np.uint8))
+del blocks
+print(rss_mb() - before)
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_goes_back_to_the_system() -> None:
-    from onnxslim_edge.runtime import return_freed_memory
+    """In a fresh interpreter each (the test process's own heap history would decide):
+    without `return_freed_memory` the freed 128 MiB stay resident, with it they go."""
+    import subprocess
 
-    def rss_mb() -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
+    def retained(mode: str) -> float:
+        proc = subprocess.run(
+            [sys.executable, "-c", _FREED_PROBE, mode], capture_output=True, text=True, check=True
+        )
+        return float(proc.stdout.strip())
 
-    assert return_freed_memory() is True
-    # Default glibc raises its mmap threshold to 16 MiB after this free, then serves the
-    # 8 MiB blocks below from its heap, where the small blocks between them pin them.
-    big = np.ones(16 * 2**20, np.uint8)
-    del big
-    before = rss_mb()
-    blocks, pins = [], []
-    for _ in range(16):  # 128 MiB
-        blocks.append(np.ones(8 * 2**20, np.uint8))
-        pins.append(np.ones(4096, np.uint8))
-    assert rss_mb() > before + 100
-    del blocks
-    assert rss_mb() < before + 48  # (default glibc keeps all 128)
+    if retained("off") < 100:
+        pytest.skip("this C library returns the freed blocks anyway")
+    assert retained("on") < 20
