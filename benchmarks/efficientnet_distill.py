@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -207,22 +206,11 @@ def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _crop(img: np.ndarray, rng: np.random.Generator, min_area: float) -> np.ndarray:
-    """A random crop (min_area..1 of the area, aspect 3/4..4/3), flipped half the time,
-    rotated up to 15 degrees, colour-jittered."""
-    from PIL import Image
+    """The benchmark's photo augmentation (`specs.augment_photo`) from `min_area` of the
+    area, sides at least 16, then colour-jittered."""
+    from benchmarks.specs import augment_photo
 
-    h, w = img.shape[:2]
-    area = rng.uniform(min_area, 1.0) * h * w
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    ch = max(16, min(h, round(math.sqrt(area / aspect))))
-    cw = max(16, min(w, round(math.sqrt(area * aspect))))
-    top = int(rng.integers(0, h - ch + 1))
-    left = int(rng.integers(0, w - cw + 1))
-    pil = Image.fromarray(img[top : top + ch, left : left + cw])
-    if rng.random() < 0.5:
-        pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pil = pil.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
-    return _jitter(np.ascontiguousarray(np.asarray(pil, dtype=np.uint8)), rng)
+    return _jitter(augment_photo(img, rng, min_area=min_area, min_side=16), rng)
 
 
 def make_crops(

@@ -33,6 +33,7 @@ __all__ = [
     "FidelityTarget",
     "ModelSpec",
     "ModelTargets",
+    "augment_photo",
     "build_spec",
 ]
 
@@ -167,16 +168,19 @@ def _digits_spec(settings: BenchmarkSettings) -> ModelSpec:
     )
 
 
-def _augment_photo(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random crop (50-100% of the area), a horizontal flip half the time, a rotation
-    of up to 15 degrees; returns H x W x 3 uint8."""
+def augment_photo(
+    img: np.ndarray, rng: np.random.Generator, *, min_area: float = 0.5, min_side: int = 1
+) -> np.ndarray:
+    """A random crop (`min_area`-100% of the area, aspect 3/4..4/3, sides at least
+    `min_side`), a horizontal flip half the time, a rotation of up to 15 degrees;
+    returns H x W x 3 uint8."""
     from PIL import Image
 
     h, w = img.shape[:2]
-    area = rng.uniform(0.5, 1.0) * h * w
+    area = rng.uniform(min_area, 1.0) * h * w
     aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    ch = min(h, round(math.sqrt(area / aspect)))
-    cw = min(w, round(math.sqrt(area * aspect)))
+    ch = max(min_side, min(h, round(math.sqrt(area / aspect))))
+    cw = max(min_side, min(w, round(math.sqrt(area * aspect))))
     top = int(rng.integers(0, h - ch + 1))
     left = int(rng.integers(0, w - cw + 1))
     pil = Image.fromarray(img[top : top + ch, left : left + cw])
@@ -199,7 +203,7 @@ def _efficientnet_spec(settings: BenchmarkSettings) -> ModelSpec:
     for img in images.values():
         evaluation.append({INPUT_NAME: preprocess(img)})
         for k in range(per_photo):
-            x = preprocess(_augment_photo(img, rng))
+            x = preprocess(augment_photo(img, rng))
             (calibration if k < cal_aug else evaluation).append({INPUT_NAME: x})
     calibration = calibration[: settings.calibration_samples]
     b8 = np.concatenate([f[INPUT_NAME] for f in evaluation[:8]])

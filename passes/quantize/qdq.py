@@ -67,7 +67,6 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from onnxslim_edge.errors import DataError
-from onnxslim_edge.graph import clamp_ir
 from onnxslim_edge.passes.quantize.builder import QDQ_OPSET
 from onnxslim_edge.passes.quantize.config import QuantizeConfig, parse_override
 from onnxslim_edge.passes.quantize.placement import (
@@ -122,7 +121,6 @@ class Quantize(Pass):
     Config = QuantizeConfig
 
     def run(self, graph: gs.Graph, ctx: Context) -> PassReport:
-        from onnxslim_edge.data import open_data
 
         report = self.new_report()
         cfg: QuantizeConfig = self.config
@@ -161,14 +159,7 @@ class Quantize(Pass):
             report.warn("nothing to quantize")
             return report
         tensors = quantizer.tensors_to_calibrate(exclusions)
-        source = open_data(
-            ctx.data,
-            float_model,
-            batch_size=_DEFAULT_BATCH,
-            limit=cfg.max_calibration_samples,
-            input_shapes=ctx.data_shapes(float_model),
-            seed=ctx.seed,
-        )
+        source = _calibration_data(ctx, float_model, cfg)
         quantizer.calibrate(source, tensors, progress=ctx.progress)
         for note in quantizer.cache_notes:
             report.warn(note)
@@ -191,7 +182,6 @@ class Quantize(Pass):
         """SmoothQuant-style smoothing of the layers' activations (`smooth`), measured
         on the calibration samples; exact on the float model. Layers excluded by name
         or op type, and tensors with an `overrides` range, are left alone."""
-        from onnxslim_edge.data import open_data
 
         cfg: QuantizeConfig = self.config
         try:
@@ -214,16 +204,8 @@ class Quantize(Pass):
         targets = [t for t in smooth_targets(graph, excluded) if t not in fixed]
         if not targets:
             return
-        model = clamp_ir(gs.export_onnx(graph.copy(), do_type_check=False))
-        source = open_data(
-            ctx.data,
-            model,
-            batch_size=_DEFAULT_BATCH,
-            limit=cfg.max_calibration_samples,
-            input_shapes=ctx.data_shapes(model),
-            seed=ctx.seed,
-        )
-        amax = channel_amax(model, targets, source)
+        model = prepare_float_model(graph)
+        amax = channel_amax(model, targets, _calibration_data(ctx, model, cfg))
         details = smooth_graph(graph, amax, alpha=cfg.smooth_alpha, excluded=excluded)
         if details:
             report.count("smoothed_activations", len(details))
@@ -314,6 +296,21 @@ class Quantize(Pass):
             )
         report.count("fallback_layers", len(kept))
         return excluded
+
+
+def _calibration_data(ctx: Context, model: Any, cfg: QuantizeConfig) -> Any:
+    """The calibration samples for `model`: the Context's data at the run's shapes, in
+    batches, at most `max_calibration_samples` (calibration and smoothing read these)."""
+    from onnxslim_edge.data import open_data
+
+    return open_data(
+        ctx.data,
+        model,
+        batch_size=_DEFAULT_BATCH,
+        limit=cfg.max_calibration_samples,
+        input_shapes=ctx.data_shapes(model),
+        seed=ctx.seed,
+    )
 
 
 def _held_back(ctx: Context, model: Any, skip: int | None, count: int) -> list[dict[str, Any]]:
