@@ -14,10 +14,11 @@ model computes, which decides a pass's `modified`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -107,40 +108,18 @@ def _export(graph: Any) -> onnx.ModelProto:
     cannot serialize it)."""
     import onnx_graphsurgeon as gs
 
-    from onnxslim_edge.model import PROTOBUF_LIMIT, stand_ins
+    from onnxslim_edge.model import PROTOBUF_LIMIT
 
-    stub = stand_ins()
-    swapped: dict[str, tuple[Any, Any]] = {}
-    try:
-        for tensor in graph.tensors().values():
-            if not isinstance(tensor, gs.Constant):
-                continue
-            values = tensor._values
-            lazy = isinstance(values, gs.ir.tensor.LazyValues)
-            nbytes = values.nbytes if lazy else getattr(values, "nbytes", 0)
-            if nbytes < PROTOBUF_LIMIT:
-                continue
-            if lazy:
-                data_type = values.tensor.data_type
-            else:
-                data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(values.dtype))
-            proto = stub.make(tensor.name, data_type, list(values.shape), int(nbytes))
-            swapped[tensor.name] = (tensor, values)
-            tensor._values = gs.ir.tensor.LazyValues(proto)
+    with _stood_in(graph, PROTOBUF_LIMIT, digest=False) as swapped:
         model = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for tensor, values in swapped.values():
-            tensor._values = values
     for init in model.graph.initializer if swapped else ():
         if init.name not in swapped:
             continue
-        values = swapped[init.name][1]
+        values = swapped[init.name]
         del init.external_data[:]
         init.ClearField("data_location")
         if isinstance(values, gs.ir.tensor.LazyValues):
             source = values.tensor
-            if source.data_location == onnx.TensorProto.EXTERNAL:
-                raise UnsupportedError(f"tensor '{init.name}': external data not loaded")
             if source.HasField("raw_data"):
                 init.raw_data = source.raw_data  # one copy of the bytes, as for any export
             else:  # typed fields (float_data, ...): as raw bytes
@@ -155,45 +134,59 @@ def export_skeleton(graph: Any) -> onnx.ModelProto:
     main graph as a data-less stand-in (see `onnxslim_edge.model.skeleton`): for shape
     inference and the checker, in the memory of the graph's structure, not of its
     weights. The graph is not changed. Never run or save the result."""
+    from onnxslim_edge.model import SKELETON_THRESHOLD
+
+    with _stood_in(graph, SKELETON_THRESHOLD, digest=True):
+        return export_graph(graph)
+
+
+@contextlib.contextmanager
+def _stood_in(graph: Any, min_bytes: int, *, digest: bool) -> Iterator[dict[str, Any]]:
+    """While inside, each constant of the main graph of `min_bytes` or more holds a
+    data-less stand-in (`model.stand_ins`; with `digest`, one that records a digest of
+    its values for `fingerprint`); yields {name: the values it held}, put back after.
+    Constants stored as another ONNX type (bfloat16, float8 through `export_dtype`) and
+    stand-ins already in place are left as they are."""
     import onnx_graphsurgeon as gs
     from onnx import numpy_helper
 
-    from onnxslim_edge.model import SKELETON_THRESHOLD, stand_ins
+    from onnxslim_edge.model import stand_ins
 
     stub = stand_ins()
-    swapped = []
+    swapped: dict[str, tuple[Any, Any]] = {}
     try:
         for tensor in graph.tensors().values():
             if not isinstance(tensor, gs.Constant):
                 continue
             values = tensor._values
-            nbytes = values.nbytes if isinstance(values, gs.ir.tensor.LazyValues) else None
-            if nbytes is None:
-                nbytes = getattr(values, "nbytes", 0)
+            lazy = isinstance(values, gs.ir.tensor.LazyValues)
+            if lazy and values.tensor.data_location == onnx.TensorProto.EXTERNAL:
+                continue  # a stand-in already (or data not loaded): nothing to hold
+            nbytes = values.nbytes if lazy else getattr(values, "nbytes", 0)
             dtype = getattr(values, "dtype", None)
-            if nbytes < SKELETON_THRESHOLD or dtype is None:
+            if nbytes < min_bytes or dtype is None:
                 continue
-            export = getattr(tensor, "export_dtype", None)
-            if isinstance(values, gs.ir.tensor.LazyValues):
+            if lazy:
                 data_type = values.tensor.data_type
-                array = numpy_helper.to_array(values.tensor)  # one tensor's copy, to hash
             else:
+                export = getattr(tensor, "export_dtype", None)
                 try:
                     data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
                     if export is not None and np.dtype(export) != np.dtype(dtype):
-                        continue  # stored as another ONNX type (bfloat16, float8)
+                        continue
                 except (KeyError, TypeError, ValueError):
                     continue
-                array = values
             proto = stub.make(tensor.name, data_type, list(values.shape), int(nbytes))
-            entry = proto.external_data.add()  # so `fingerprint` sees the values
-            entry.key, entry.value = _DIGEST_KEY, _values_digest(array).hex()
-            del array
-            swapped.append((tensor, values))
+            if digest:
+                array = numpy_helper.to_array(values.tensor) if lazy else values  # one copy
+                entry = proto.external_data.add()
+                entry.key, entry.value = _DIGEST_KEY, _values_digest(array).hex()
+                del array
+            swapped[tensor.name] = (tensor, values)
             tensor._values = gs.ir.tensor.LazyValues(proto)
-        return export_graph(graph)
+        yield {name: values for name, (_, values) in swapped.items()}
     finally:
-        for tensor, values in swapped:
+        for tensor, values in swapped.values():
             tensor._values = values
 
 
