@@ -34,11 +34,13 @@ import numpy as np
 
 __all__ = [
     "CACHE",
+    "NEWS_WHEEL",
     "SENTENCES",
     "WHEEL",
     "check_embeddings",
     "export_minilm",
     "feeds",
+    "news_sentences",
     "passages",
     "prose_sentences",
     "tokenize",
@@ -297,6 +299,38 @@ def prose_sentences() -> list[str]:
 
     held = set(SENTENCES)
     return sorted({s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text) if prose(s)} - held)
+
+
+NEWS_WHEEL = "gensim==4.4.0"
+_NEWS_FILES = ("lee_background.cor", "lee.cor")
+
+
+def news_sentences() -> list[str]:
+    """English news sentences: the Lee corpus (Australian news articles, 350 documents)
+    that gensim ships as test data in its wheel (`NEWS_WHEEL`, downloaded once with
+    `pip download --no-deps` into `benchmarks/cache/`, read from the zip, never
+    installed), split at sentence ends, kept when 6-40 words long; sorted and
+    deduplicated. Unlabeled training text, disjoint from `SENTENCES`."""
+    import re
+
+    folder = CACHE.parent / "wheels"
+    wheels = sorted(folder.glob("gensim-*.whl"))
+    if not wheels:
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", NEWS_WHEEL, "-d", str(folder)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        wheels = sorted(folder.glob("gensim-*.whl"))
+    with zipfile.ZipFile(wheels[-1]) as whl:
+        text = " ".join(
+            whl.read(f"gensim/test/test_data/{name}").decode("latin-1") for name in _NEWS_FILES
+        )
+    text = re.sub(r"\s+", " ", text)
+    keep = {
+        s
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text)
+        if 6 <= len(s.split()) <= 40 and s[-1] in ".!?\"'"
+    }
+    return sorted(keep - set(SENTENCES))
 
 
 def _build_torch(weights: dict[str, np.ndarray]) -> Any:
